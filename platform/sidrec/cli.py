@@ -1,0 +1,76 @@
+"""The `sidrec` command: thin wrappers over the library, one subcommand per stage.
+
+    sidrec sids build --config ml-100k data.path=../shared/data/ml-100k store.root=artifacts
+    sidrec sids report --config ml-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sidrec.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None,
+                   help="YAML config file, or the name of a shipped config (ml-100k, amazon-industrial)")
+    p.add_argument("overrides", nargs="*", metavar="section.option=value",
+                   help="dotted overrides, e.g. embed.batch_size=32 quantize.levels=4")
+
+
+def _sids_build(args: argparse.Namespace) -> int:
+    from sidrec.build import build_all
+    from sidrec.report import format_report
+
+    cfg = load_config(args.config, args.overrides)
+    manifests = build_all(cfg, force=args.force)
+    from sidrec.store import ArtifactStore
+
+    store = ArtifactStore(cfg.store.root)
+    print(format_report(store.read_json(f"{store.current_path('sids')}/report.json")))
+    print(f"SIDs: {store.current_path('sids')}/sids.parquet (version {manifests['sids']['version']})")
+    return 0
+
+
+def _sids_report(args: argparse.Namespace) -> int:
+    from sidrec.report import format_report
+    from sidrec.store import ArtifactStore
+
+    cfg = load_config(args.config, args.overrides)
+    store = ArtifactStore(cfg.store.root)
+    print(format_report(store.read_json(f"{store.current_path('sids')}/report.json")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidrec", description="Generative recommendation with Semantic IDs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sids = sub.add_parser("sids", help="build and inspect item Semantic IDs")
+    sids_sub = sids.add_subparsers(dest="sids_command", required=True, metavar="SUBCOMMAND")
+    b = sids_sub.add_parser("build", help="dataset → embeddings → quantizer → SIDs + report, in the artifact store")
+    _add_config_args(b)
+    b.add_argument("--force", action="store_true", help="rebuild stages even if their inputs are unchanged")
+    b.set_defaults(func=_sids_build)
+    r = sids_sub.add_parser("report", help="print the report of the published SIDs")
+    _add_config_args(r)
+    r.set_defaults(func=_sids_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from sidrec.data import DataValidationError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataValidationError, FileNotFoundError) as e:
+        print(f"sidrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
