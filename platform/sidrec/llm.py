@@ -207,26 +207,27 @@ def add_sid_tokens(
     or N(0, std of existing rows) (``init="random"``). Only ids below the old ``len(tokenizer)`` count as
     "existing": checkpoints such as Qwen2.5 carry untrained padding rows past the tokenizer, and new ids may
     land there. The matrix is padded to ``pad_to_multiple_of`` rows (rows past ``len(tokenizer)`` are never
-    produced by the tokenizer). Returns the number of tokens added.
+    produced by the tokenizer; rows created as padding get the same init). Returns the number of tokens added.
     """
     if init not in ("mean", "random"):
         raise ValueError(f"init must be 'mean' or 'random', got {init!r}")
     for t in sid_tokens:
-        _parse_sid(t)
-        if len(SID_TOKEN_RE.findall(t)) != 1:
-            raise ValueError(f"{t!r} is not a single SID token")
+        if not SID_TOKEN_RE.fullmatch(t):
+            raise ValueError(f"{t!r} is not a single SID token like <a_12>")
     old_len = len(tokenizer)
     added = tokenizer.add_tokens(
         [AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
          for t in sid_tokens]
     )
-    new_ids = [i for i in tokenizer.convert_tokens_to_ids(list(sid_tokens)) if i >= old_len]
-    rows = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(max(rows, len(tokenizer)), pad_to_multiple_of=pad_to_multiple_of,
+    new_ids = {i for i in tokenizer.convert_tokens_to_ids(list(sid_tokens)) if i >= old_len}
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(max(old_rows, len(tokenizer)), pad_to_multiple_of=pad_to_multiple_of,
                                   mean_resizing=False)
-    if not new_ids:
+    # the SID rows, plus rows created as padding (initialised the same way so the result is deterministic)
+    idx = torch.tensor(sorted(new_ids | set(range(old_rows, model.get_input_embeddings().weight.shape[0]))),
+                       dtype=torch.long)
+    if len(idx) == 0:
         return added
-    idx = torch.tensor(sorted(new_ids))
     matrices = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
