@@ -94,8 +94,9 @@ class EmbedConfig:
     batch_size: int = 64
     # Encoder actors in the Ray Data pool.
     num_actors: int = 2
-    # CPUs reserved per actor (fractional keeps small machines from deadlocking); also its torch threads.
-    cpus_per_actor: float = 1.0
+    # CPUs Ray reserves per actor. Below 1 leaves room for the read/write tasks of the same pipeline
+    # (two 1-CPU actors on a 2-CPU machine starve them and the pipeline stalls). Torch threads = ceil(this).
+    cpus_per_actor: float = 0.5
     # GPUs per actor; > 0 runs the encoder on CUDA.
     gpus_per_actor: float = 0.0
     # L2-normalise embeddings (cosine geometry, what the quantizer expects).

@@ -6,6 +6,7 @@ The catalog is read from the artifact store block by block and written back as p
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -56,11 +57,11 @@ class TextEncoder:
         path = resolve_encoder(cfg.model)
         if Path(path).exists():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
+        torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))
         device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(path, device=device, local_files_only=Path(path).exists())
         self.model.max_seq_length = cfg.max_tokens
-        self.dim = self.model.get_sentence_embedding_dimension()
+        self.dim = self.model.get_embedding_dimension()
 
     def texts(self, batch: pa.Table) -> list[str]:
         return [render_text(r, self.cfg.template, self.cfg.max_chars) for r in batch.to_pylist()]
@@ -86,6 +87,8 @@ def embed_catalog(catalog_path: str, out_path: str, fs, cfg: EmbedConfig) -> int
     import ray.data
 
     ds = ray.data.read_parquet(catalog_path, filesystem=fs)
+    # Small blocks, so that every actor of the pool gets work even when the catalog is one file.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * 4)
     ds = ds.map_batches(
         TextEncoder,
         fn_constructor_kwargs={"cfg": cfg},

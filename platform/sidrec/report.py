@@ -37,6 +37,9 @@ def sid_report(store, cfg, item_ids: list[str], raw_codes: np.ndarray, final_cod
     usage = code_usage(raw_codes, k)
     idx, emb = sample_embeddings(store, item_ids, cfg.sids.report_sample, cfg.quantize.seed)
     sim = prefix_similarity(raw_codes[idx], emb, seed=cfg.quantize.seed)
+    # JSON-friendly: string keys, None for a prefix length no sampled pair has
+    sim = {"mean_cosine": {str(k): (None if v != v else round(v, 4)) for k, v in sim["mean_cosine"].items()},
+           "pairs": {str(k): v for k, v in sim["n_pairs"].items()}}
     summary = {
         "items": len(item_ids),
         "method": cfg.quantize.method,
@@ -79,7 +82,8 @@ def format_report(report: dict) -> str:
     lines += ["", "| shared prefix length | pairs | mean cosine |", "|---|---|---|"]
     sim = report["prefix_similarity"]
     for length in sorted(sim["mean_cosine"], key=int):
-        lines.append(f"| {length} | {sim['pairs'][length]} | {sim['mean_cosine'][length]:.3f} |")
+        mean = sim["mean_cosine"][length]
+        lines.append(f"| {length} | {sim['pairs'][length]} | {'n/a' if mean is None else f'{mean:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
