@@ -48,7 +48,7 @@ class QuantizerConfig:
     # RQ-VAE encoder hidden widths D -> h1 -> ... -> latent_dim; the decoder mirrors them.
     hidden_dims: tuple[int, ...] = (512, 256, 128)
     # RQ-VAE passes over the catalog. Epochs (not steps) because a catalog is small and fixed: 200 epochs
-    # of a 4k-item catalog at batch 1024 = 800 steps, ~15 s on 2 CPU cores. Lower it for catalogs of
+    # of a 4k-item catalog at batch 1024 = 800 steps, ~16-20 s on 2 CPU cores. Lower it for catalogs of
     # millions of items (cost grows linearly with N * epochs).
     epochs: int = 200
     # RQ-VAE minibatch size.
@@ -141,10 +141,6 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(codes), torch.cat(dists)
 
 
-def _uniform(generator: torch.Generator | None) -> float:
-    return float(torch.rand((), generator=generator))
-
-
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Lloyd's k-means with k-means++ init. x [N, d] -> centroids [k, d] (same device and dtype as x).
@@ -159,23 +155,29 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
     if n < k:
         x = x[torch.arange(k, device=x.device) % n]
         n = k
-    # k-means++: each new centroid is drawn with probability proportional to its squared distance to
-    # the nearest existing one, so well-separated clusters all get a seed.
+    # greedy k-means++ (as scikit-learn): draw a few candidates with probability proportional to their
+    # squared distance to the nearest chosen centroid and keep the one that lowers the total the most,
+    # so well-separated clusters all get a seed.
+    trials = 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=generator))
     centroids = x.new_empty(k, x.shape[1])
     centroids[0] = x[first]
+    x_sq = x.pow(2).sum(-1)
     d2 = (x - x[first]).pow(2).sum(-1)
     for j in range(1, k):
         cum = d2.double().cumsum(0)
         total = float(cum[-1])
-        u = _uniform(generator)
+        u = torch.rand(trials, generator=generator, dtype=torch.float64).to(x.device)
         if total > 0:
-            idx = int(torch.searchsorted(cum, torch.tensor([u * total], dtype=cum.dtype, device=cum.device)))
-            idx = min(idx, n - 1)
+            cand = torch.searchsorted(cum, u * total).clamp_max_(n - 1)
         else:
-            idx = min(int(u * n), n - 1)
-        centroids[j] = x[idx]
-        d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(-1))
+            cand = (u * n).long().clamp_max_(n - 1)
+        c = x[cand]
+        cand_d2 = torch.addmm(x_sq[None], c, x.t(), alpha=-2.0).add_(x_sq[cand][:, None]).clamp_min_(0)
+        new_d2 = torch.minimum(d2[None], cand_d2)
+        best = int(new_d2.sum(1).argmin())
+        centroids[j] = x[cand[best]]
+        d2 = new_d2[best]
     prev = None
     for _ in range(iters):
         assign, dist = nearest_code(x, centroids)
@@ -279,7 +281,9 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def reseed_dead_codes(self, generator: torch.Generator | None = None) -> int:
-        """Move codes with zero hits since the last call onto random residuals of the last training batch.
+        """Move codes with zero hits since the last call onto residuals of the last training batch, drawn
+        with probability proportional to their squared distance to their current code (k-means++ style):
+        a dead code then lands where two groups share one code, not just in the densest region.
 
         Returns how many codes moved; resets the hit counters.
         """
@@ -288,7 +292,11 @@ class ResidualQuantizer(nn.Module):
             dead = (self.usage[lvl] == 0).nonzero().squeeze(1)
             if len(dead) == 0 or len(res) == 0:
                 continue
-            rows = torch.randint(len(res), (len(dead),), generator=generator).to(res.device)
+            _, d2 = nearest_code(res, self.codebooks.data[lvl])
+            w = d2.double().cpu()
+            w = w if float(w.sum()) > 0 else torch.ones_like(w)
+            rows = torch.multinomial(w, len(dead), replacement=len(dead) > int((w > 0).sum()),
+                                     generator=generator).to(res.device)
             self.codebooks.data[lvl, dead] = res[rows]
             moved += len(dead)
         self.usage.zero_()

@@ -125,7 +125,10 @@ def assign_collisions(codes: np.ndarray, policy: Literal["keep", "dedup"], max_e
         raise ValueError(
             f"SID collision group of {largest} items exceeds the dedup level size max_extra={max_extra}; "
             f"use more quantizer levels or a larger codebook (or raise max_extra)")
-    return np.concatenate([codes.astype(np.int64, copy=False), extra[:, None]], axis=1)
+    out = np.empty((n, codes.shape[1] + 1), dtype=np.int64)
+    out[:, :-1] = codes
+    out[:, -1] = extra
+    return out
 
 
 def collision_stats(codes: np.ndarray) -> dict:
