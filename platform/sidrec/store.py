@@ -120,7 +120,10 @@ class ArtifactStore:
 
     # -- writing -----------------------------------------------------------------------------------
     def begin(self, stage: str) -> StageRun:
-        version = time.strftime("v-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        # sortable by creation time to the microsecond (prune relies on it), unique by the random suffix
+        now = time.time_ns()
+        version = time.strftime("v-%Y%m%d-%H%M%S", time.gmtime(now // 10**9)) + f"{now // 1000 % 10**6:06d}-" \
+            + uuid.uuid4().hex[:6]
         path = f"{self.stage_dir(stage)}/{version}"
         self.fs.create_dir(path, recursive=True)
         return StageRun(stage, version, path)
