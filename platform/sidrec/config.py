@@ -18,7 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from sidrec.instructions import InstructionConfig
+from sidrec.llm import ModelConfig
 from sidrec.quantize import QuantizerConfig
+from sidrec.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -149,6 +152,9 @@ class SidrecConfig:
     quantize: QuantizerConfig = field(default_factory=QuantizerConfig)
     sids: SidConfig = field(default_factory=SidConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    instructions: InstructionConfig = field(default_factory=InstructionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
