@@ -81,7 +81,7 @@ def main() -> int:
     if args.limit:
         catalog = catalog.slice(0, args.limit)
     n = catalog.num_rows
-    cfg = EmbedConfig(batch_size=args.batch_size, num_actors=args.actors, cpus_per_actor=1.0)
+    cfg = EmbedConfig(batch_size=args.batch_size, num_actors=args.actors)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:

@@ -2,6 +2,7 @@
 
     sidrec sids build --config ml-100k data.path=../shared/data/ml-100k store.root=artifacts
     sidrec sids report --config ml-100k
+    sidrec train --config tiny-cpu train.epochs=1
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def _sids_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from sidrec.store import ArtifactStore
+    from sidrec.train import train_all
+
+    cfg = load_config(args.config, args.overrides)
+    manifests = train_all(cfg, force=args.force)
+    store = ArtifactStore(cfg.store.root)
+    print(f"model: {store.current_path('model')} (version {manifests['model']['version']})")
+    for row in store.read_json(f"{store.current_path('model')}/metrics.json")["history"]:
+        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                               if not isinstance(v, (list, dict))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidrec", description="Generative recommendation with Semantic IDs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sids_sub.add_parser("report", help="print the report of the published SIDs")
     _add_config_args(r)
     r.set_defaults(func=_sids_report)
+
+    t = sub.add_parser("train", help="build SIDs if needed, then fine-tune the SID-extended LLM with Ray Train")
+    _add_config_args(t)
+    t.add_argument("--force", action="store_true", help="rebuild stages even if their inputs are unchanged")
+    t.set_defaults(func=_train)
     return parser
 
 

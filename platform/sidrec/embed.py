@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from sidrec.config import EmbedConfig
+from sidrec.config import ConfigError, EmbedConfig
 
 _FIELD = re.compile(r"\{(\w+)\}")
 
@@ -84,8 +84,16 @@ def embed_catalog(catalog_path: str, out_path: str, fs, cfg: EmbedConfig) -> int
 
     Returns the number of items written (counted from the output files' metadata).
     """
+    import ray
     import ray.data
 
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_actors * cfg.cpus_per_actor > cpus - 0.5:
+        # The read and write tasks of the pipeline need CPU too; without it the stream stalls silently.
+        raise ConfigError(
+            f"embed.num_actors * embed.cpus_per_actor = {cfg.num_actors * cfg.cpus_per_actor:g} leaves less "
+            f"than 0.5 of the cluster's {cpus:g} CPUs for reading and writing; lower embed.cpus_per_actor"
+        )
     ds = ray.data.read_parquet(catalog_path, filesystem=fs)
     # Small blocks, so that every actor of the pool gets work even when the catalog is one file.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * 4)
