@@ -24,9 +24,6 @@ from sidrec.store import ArtifactStore, StageRun, file_fingerprint, fingerprint
 
 log = logging.getLogger("sidrec")
 
-SPLITS = ("train", "valid", "test")
-
-
 def init_ray(cfg: RayConfig) -> None:
     """Join the cluster named by cfg.address / RAY_ADDRESS (as inside `ray job submit`), else start one."""
     import ray

@@ -21,27 +21,27 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. embed.batch_size=32 quantize.levels=4")
 
 
-def _sids_build(args: argparse.Namespace) -> int:
-    from sidrec.build import build_all
+def _print_sids_report(cfg) -> None:
     from sidrec.report import format_report
-
-    cfg = load_config(args.config, args.overrides)
-    manifests = build_all(cfg, force=args.force)
     from sidrec.store import ArtifactStore
 
     store = ArtifactStore(cfg.store.root)
-    print(format_report(store.read_json(f"{store.current_path('sids')}/report.json")))
-    print(f"SIDs: {store.current_path('sids')}/sids.parquet (version {manifests['sids']['version']})")
+    path = store.current_path("sids")
+    print(format_report(store.read_json(f"{path}/report.json")))
+    print(f"SIDs: {path}/sids.parquet (version {store.require('sids')['version']})")
+
+
+def _sids_build(args: argparse.Namespace) -> int:
+    from sidrec.build import build_all
+
+    cfg = load_config(args.config, args.overrides)
+    build_all(cfg, force=args.force)
+    _print_sids_report(cfg)
     return 0
 
 
 def _sids_report(args: argparse.Namespace) -> int:
-    from sidrec.report import format_report
-    from sidrec.store import ArtifactStore
-
-    cfg = load_config(args.config, args.overrides)
-    store = ArtifactStore(cfg.store.root)
-    print(format_report(store.read_json(f"{store.current_path('sids')}/report.json")))
+    _print_sids_report(load_config(args.config, args.overrides))
     return 0
 
 
