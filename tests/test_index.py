@@ -191,3 +191,17 @@ def test_cuda_matches_cpu():
     for t in range(3):
         pre = torch.from_numpy(all_prefixes(8, t))
         np.testing.assert_array_equal(index.allowed(pre.cuda()).cpu().numpy(), index.allowed(pre).numpy())
+
+
+def test_leaf_counts_match_brute_force_with_delta():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 6, size=(300, 3))
+    idx = SidIndex.build(codes, codebook_size=6)
+    idx.add(rng.integers(0, 6, size=(20, 3)))
+    main_sids = {tuple(c) for c in codes}
+    delta_sids = {tuple(c) for c in idx.codes()[300:]}
+    for d in range(4):
+        prefixes = np.unique(rng.integers(0, 6, size=(40, d)), axis=0) if d else np.zeros((1, 0), np.int64)
+        want = [sum(s[:d] == tuple(p) for s in main_sids) + sum(s[:d] == tuple(p) for s in delta_sids)
+                for p in prefixes]
+        assert idx.leaf_counts(prefixes).tolist() == want

@@ -311,6 +311,19 @@ class SidIndex:
             raise ValueError(f"prefixes must be [B, t] with t < {self.levels}, got {tuple(prefixes.shape)}")
         return self.allowed_from_state(self.state_of(prefixes), prefixes.shape[1])
 
+    def leaf_counts(self, prefixes: np.ndarray) -> np.ndarray:
+        """prefixes [M, d] codes -> number of stored SIDs (main + delta) that start with each prefix.
+        A depth-d node's leaves are a contiguous range, found by following the offsets down to depth L."""
+        prefixes = np.asarray(prefixes, dtype=np.int64)
+        node = self.node_of(torch.from_numpy(prefixes)).numpy()
+        lo, hi = node.clip(min=0), node.clip(min=0) + 1
+        for depth in range(prefixes.shape[1], self.levels):
+            lo, hi = self.offsets[depth][lo], self.offsets[depth][hi]
+        count = np.where(node >= 0, hi - lo, 0)
+        if self.delta is not None:
+            count = count + self.delta.leaf_counts(prefixes)
+        return count
+
     # -------------------------------------------------------------- item side
     def _leaf_rows(self, leaf: int) -> np.ndarray:
         if self.item_offsets is None:
