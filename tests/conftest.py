@@ -27,3 +27,21 @@ def local_ray():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_store(local_ray, tmp_path_factory):
+    """A real, small end-to-end store for evaluation and serving tests: ml-100k SIDs from MiniLM, a tiny
+    Qwen2 fine-tuned for a few Ray Train steps. Returns (config, store root)."""
+    from sidrec.config import load_config
+    from sidrec.train import train_all
+
+    root = tmp_path_factory.mktemp("trained") / "store"
+    cfg = load_config("quickstart", [
+        f"store.root={root}", f"data.path={shared_data('ml-100k')}",
+        "model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
+        "train.max_steps=24", "train.epochs=2", "train.max_val_rows=64", "train.max_length=160",
+        "eval.max_examples=48", "eval.unconstrained_sample=8", "eval.sasrec.epochs=2",
+    ])
+    train_all(cfg)
+    return cfg, str(root)

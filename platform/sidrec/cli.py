@@ -3,6 +3,7 @@
     sidrec sids build --config ml-100k data.path=../shared/data/ml-100k store.root=artifacts
     sidrec sids report --config ml-100k
     sidrec train --config tiny-cpu train.epochs=1
+    sidrec eval --config tiny-cpu eval.split=test
 """
 
 from __future__ import annotations
@@ -59,6 +60,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from sidrec.evaluate import evaluate_all, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    report = evaluate_all(cfg, force=args.force)
+    print(f"{report['name']} {report['split']}: {report['examples']} examples, full ranking over "
+          f"{report['catalog_items']} items; trained on {report['training_data']}")
+    print(format_table(report))
+    if report.get("unconstrained_invalid_share") is not None:
+        print(f"unconstrained beam search: {report['unconstrained_invalid_share']:.1%} of top-10 outputs "
+              f"are not real items ({report['unconstrained_examples']} examples)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidrec", description="Generative recommendation with Semantic IDs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--force", action="store_true", help="rebuild stages even if their inputs are unchanged")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="train if needed, then HR/NDCG@1/5/10 of the SID-LLM vs most-popular and "
+                                    "SASRec on the same split (report in the store)")
+    _add_config_args(e)
+    e.add_argument("--force", action="store_true", help="re-evaluate even if model and data are unchanged")
+    e.set_defaults(func=_eval)
     return parser
 
 

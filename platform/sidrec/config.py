@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sidrec.evaluate import EvalConfig
 from sidrec.instructions import InstructionConfig
 from sidrec.llm import ModelConfig
 from sidrec.quantize import QuantizerConfig
@@ -155,6 +156,7 @@ class SidrecConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     instructions: InstructionConfig = field(default_factory=InstructionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -117,20 +117,33 @@ def _profile_sentence(profile: str, cfg: InstructionConfig) -> str:
     return PROFILE_SENTENCE[cfg.language].format(profile=profile)
 
 
-def render_next_item(user_id: str, history: list[str], target: str, sid_of: Mapping[str, str],
-                     profile: str, cfg: InstructionConfig) -> dict[str, str]:
-    """One next-item row; ``history`` is oldest first and is capped to its last ``cfg.max_history``."""
-    missing = [i for i in [*history, target] if i not in sid_of]
+def next_item_prompt(user_id: str, history: list[str], sid_of: Mapping[str, str], profile: str,
+                     cfg: InstructionConfig) -> str:
+    """The next-item prompt for a user: training rows and inference requests render it the same way.
+
+    ``history`` is oldest first and is capped to its last ``cfg.max_history``. The paraphrase is picked from
+    (user, history length, last item), never from the target, so an inference prompt is exactly a training
+    prompt and the template carries no information about the answer.
+    """
+    missing = [i for i in history if i not in sid_of]
     if missing:
-        raise ValueError(f"items without a SID in user {user_id!r}'s example: {missing[:5]}")
+        raise ValueError(f"items without a SID in user {user_id!r}'s history: {missing[:5]}")
     history = history[-cfg.max_history:]
     hist = HISTORY_SEPARATOR[cfg.language].join(sid_of[i] for i in history) or EMPTY_HISTORY[cfg.language]
     templates = TEMPLATES[cfg.language]["next_item"]
-    key = f"{user_id}|{target}|{len(history)}|{history[-1] if history else ''}"
+    key = f"{user_id}|{len(history)}|{history[-1] if history else ''}"
     template = templates[_pick(cfg.seed, "next_item", key, len(templates))]
+    return template.format(profile=_profile_sentence(profile, cfg), history=hist)
+
+
+def render_next_item(user_id: str, history: list[str], target: str, sid_of: Mapping[str, str],
+                     profile: str, cfg: InstructionConfig) -> dict[str, str]:
+    """One next-item row (see ``next_item_prompt``)."""
+    if target not in sid_of:
+        raise ValueError(f"items without a SID in user {user_id!r}'s example: {[target]}")
     return {
         "task": "next_item",
-        "prompt": template.format(profile=_profile_sentence(profile, cfg), history=hist),
+        "prompt": next_item_prompt(user_id, history, sid_of, profile, cfg),
         "response": sid_of[target],
         "user_id": user_id,
         "target_item": target,
