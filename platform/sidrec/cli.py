@@ -4,6 +4,8 @@
     sidrec sids report --config ml-100k
     sidrec train --config tiny-cpu train.epochs=1
     sidrec eval --config tiny-cpu eval.split=test
+    sidrec pipeline --config ml-100k
+    sidrec quickstart
 """
 
 from __future__ import annotations
@@ -61,16 +63,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sidrec.evaluate import evaluate_all, format_table
+    from sidrec.evaluate import evaluate_all
 
-    cfg = load_config(args.config, args.overrides)
-    report = evaluate_all(cfg, force=args.force)
+    _print_report(evaluate_all(load_config(args.config, args.overrides), force=args.force))
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    from sidrec.evaluate import format_table
+
     print(f"{report['name']} {report['split']}: {report['examples']} examples, full ranking over "
           f"{report['catalog_items']} items; trained on {report['training_data']}")
     print(format_table(report))
     if report.get("unconstrained_invalid_share") is not None:
         print(f"unconstrained beam search: {report['unconstrained_invalid_share']:.1%} of top-10 outputs "
               f"are not real items ({report['unconstrained_examples']} examples)")
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from sidrec.pipeline import run_pipeline, serve_demo
+
+    cfg = load_config(args.config, args.overrides)
+    _print_report(run_pipeline(cfg, force=args.force))
+    if args.serve or args.keep_serving:
+        serve_demo(cfg, port=args.port, keep_serving=args.keep_serving)
     return 0
 
 
@@ -98,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(e)
     e.add_argument("--force", action="store_true", help="re-evaluate even if model and data are unchanged")
     e.set_defaults(func=_eval)
+
+    for name, default, text in (
+        ("pipeline", None, "every stage (SIDs, training, evaluation), each resumed from the store"),
+        ("quickstart", "quickstart", "the pipeline on ml-100k with the tiny CPU model, then a Serve app answering "
+                                     "a real test user"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.set_defaults(config=default)
+        p.add_argument("--force", action="store_true", help="rebuild stages even if their inputs are unchanged")
+        p.add_argument("--serve", action="store_true", default=name == "quickstart",
+                       help="then start the Serve app and query it for a test user")
+        p.add_argument("--keep-serving", action="store_true", help="keep the Serve app running until Ctrl-C")
+        p.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve app (loopback)")
+        p.set_defaults(func=_pipeline)
     return parser
 
 

@@ -291,15 +291,17 @@ class SidDecoder:
 
     def _hits(self, codes: np.ndarray, scores: np.ndarray, k: int, exclude: Collection[str]) -> list[Hit]:
         excluded = set(map(str, exclude))
+        alive = np.isfinite(scores)
+        codes, scores = codes[alive], scores[alive]
         hits: list[Hit] = []
         n_items = 0
-        for c, s in zip(codes, scores, strict=True):
-            if not np.isfinite(s) or n_items >= k:
+        for c, s, rows in zip(codes, scores, self.index.rows_of_many(codes), strict=True):
+            if n_items >= k:
                 break
-            sid_codes = tuple(int(x) for x in c)
-            items = [str(i) for i in self.index.items_of(sid_codes) if str(i) not in excluded][:k - n_items]
+            items = [i for i in (str(self.index.item_of_row(r)) for r in rows) if i not in excluded][:k - n_items]
             if not items:
                 continue
+            sid_codes = tuple(int(x) for x in c)
             hits.append(Hit(render_sid(sid_codes), sid_codes, float(s), items))
             n_items += len(items)
         return hits

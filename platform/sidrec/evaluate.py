@@ -241,7 +241,6 @@ def evaluate_stage(store: ArtifactStore, cfg, force: bool = False) -> dict:
         examples = _sample(examples, ecfg.max_examples, ecfg.seed)
         if examples.num_rows == 0:
             raise ValueError(f"the {ecfg.split} split has no examples")
-        n_items = store.read_table(f"{dpath}/catalog.parquet", columns=["item_id"]).num_rows
         histories, targets = examples.column("history").to_pylist(), examples.column("target").to_pylist()
         t0 = time.perf_counter()
         rows = examples.append_column("row", pa.array(np.arange(examples.num_rows), pa.int64()))
@@ -263,15 +262,15 @@ def evaluate_stage(store: ArtifactStore, cfg, force: bool = False) -> dict:
         timings = {SID_LLM: round(llm_seconds, 2)}
 
         train = _training_examples(store, train_on_valid)
+        catalog_ids = store.read_table(f"{dpath}/catalog.parquet", columns=["item_id"])["item_id"].to_pylist()
         for name in ecfg.baselines:
             t1 = time.perf_counter()
             if name == "most_popular":
-                model_b = MostPopular().fit(train)
+                model_b = MostPopular(catalog_ids).fit(train)
             else:
                 valid = None if train_on_valid else store.read_table(
                     f"{dpath}/valid.parquet", columns=["user_id", "history", "target"])
-                catalog_ids = store.read_table(f"{dpath}/catalog.parquet", columns=["item_id"])["item_id"]
-                model_b = train_sasrec(train, catalog_ids.to_pylist(), ecfg.sasrec, valid=valid)
+                model_b = train_sasrec(train, catalog_ids, ecfg.sasrec, valid=valid)
             columns[name.replace("_", "-")] = model_b.recommend(histories, k=MAX_K,
                                                                 exclude_history=ecfg.exclude_history)
             timings[name.replace("_", "-")] = round(time.perf_counter() - t1, 2)
@@ -282,7 +281,7 @@ def evaluate_stage(store: ArtifactStore, cfg, force: bool = False) -> dict:
         if n_free:
             invalid = _unconstrained_invalid_share(store.root, _sample(examples, n_free, ecfg.seed + 1), ecfg)
         report = {
-            "name": cfg.name, "split": ecfg.split, "examples": examples.num_rows, "catalog_items": n_items,
+            "name": cfg.name, "split": ecfg.split, "examples": examples.num_rows, "catalog_items": len(catalog_ids),
             "training_data": "train + valid" if train_on_valid else "train only",
             "model_version": model["version"], "sids_version": sids["version"],
             "decode": {"num_beams": ecfg.num_beams, "scoring": ecfg.scoring, "exclude_history": ecfg.exclude_history},

@@ -346,6 +346,24 @@ class SidIndex:
             rows += [self.n_main_items + r for r in self.delta.rows_of(codes)]
         return rows
 
+    def rows_of_many(self, codes: np.ndarray) -> list[list[int]]:
+        """Full SIDs [M, L] -> for each, the rows of its items (as ``rows_of``), with one batched lookup."""
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.levels)
+        leaves = self.leaves_of(codes)
+        out = [sorted(int(r) for r in self._leaf_rows(int(leaf))) if leaf >= 0 else [] for leaf in leaves]
+        if self.delta is not None:
+            n = self.n_main_items
+            for rows, extra in zip(out, self.delta.rows_of_many(codes), strict=True):
+                rows += [n + r for r in extra]
+        return out
+
+    def item_of_row(self, row: int):
+        """The item id (or the row itself, without ids) of a row from ``rows_of``."""
+        if self.item_ids is None:
+            return row
+        n = self.n_main_items
+        return self.item_ids[row] if row < n else self._delta_ids[row - n]
+
     def items_of(self, codes: Sequence[int]) -> list:
         """Item ids (or rows, when built without ids) of the items whose SID is ``codes`` [L]."""
         rows = self.rows_of(codes)

@@ -1,0 +1,131 @@
+"""Constrained beam-search speed: sidrec's SidDecoder vs the Hugging Face reference vs the floor, one run.
+
+    python bench/decode.py --store artifacts/amazon-industrial             # tiny trained model + d=1024 8-layer
+    python bench/decode.py --store artifacts/amazon-industrial --models tiny --batches 1 32 --reps 3
+
+For beam 20 and each batch size, on the same prompts (Amazon test examples rendered as in training):
+(a) ``SidDecoder.search``; (b) ``hf_reference_search`` = ``generate(num_beams, num_return_sequences,
+prefix_allowed_tokens_fn)``; (c) the floor = the model's bare forward passes: the prompt prefilled once per
+request, the KV cache repeated to the beams, then one step per remaining SID level, no masking or search.
+Reports recommendations/s, ms per request, ratios, and whether (a) and (b) return identical top-10 items.
+"large" is a d=1024, 8-layer Qwen2 with random weights (same tokenizer and SIDs) so the model's cost
+dominates. Writes bench/results/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from sidrec.decode import SidDecoder, hf_reference_search, left_pad
+from sidrec.recommender import Recommender
+from sidrec.store import ArtifactStore
+
+
+@torch.no_grad()
+def floor(model, prompts: list[list[int]], beams: int, levels: int, pad_id: int) -> None:
+    ids, mask = left_pad(prompts, pad_id)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(beams)
+    n = len(prompts) * beams
+    mask = mask.repeat_interleave(beams, dim=0)
+    step = (pos[:, -1] + 1).repeat_interleave(beams)
+    tokens = out.logits[:, -1].argmax(-1).repeat_interleave(beams)
+    for _ in range(1, levels):
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=step[:, None], cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache, step = out.cache, step + 1
+
+
+def large_model(vocab: int, tokenizer) -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=4, intermediate_size=2816, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    out, best = None, float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default="artifacts/amazon-industrial")
+    ap.add_argument("--models", nargs="+", default=["tiny", "large"], choices=["tiny", "large"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (best is kept)")
+    ap.add_argument("--hf-max-batch-large", type=int, default=8,
+                    help="largest batch the (slow) HF reference runs on the large model; CPU time guard")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/decode.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rec = Recommender.from_store(args.store, num_beams=args.beams, device="cpu")
+    store = ArtifactStore(args.store)
+    test = pq.read_table(f"{store.current_path('dataset')}/test.parquet").to_pylist()
+    prompts_all = [rec.prompt_ids(r["history"], user_id=r["user_id"]) for r in test[:max(args.batches)]]
+    rows = []
+    for name in args.models:
+        model = rec.model if name == "tiny" else large_model(rec.model.get_output_embeddings().weight.shape[0],
+                                                              rec.tokenizer)
+        params = sum(p.numel() for p in model.parameters())
+        dec = SidDecoder(model, rec.tokenizer, rec.index, num_beams=args.beams)
+        for bs in args.batches:
+            prompts = prompts_all[:bs]
+            dec.search(prompts[:1], k=args.k)  # warm-up
+            t_ours, ours = timed(lambda: dec.search(prompts, k=args.k), args.reps)  # noqa: B023
+            t_floor, _ = timed(lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id), args.reps)  # noqa: B023
+            run_hf = name == "tiny" or bs <= args.hf_max_batch_large
+            t_hf, same = None, None
+            if run_hf:
+                t_hf, ref = timed(lambda: hf_reference_search(model, rec.tokenizer, rec.index, prompts,  # noqa: B023
+                                                              k=args.k, num_beams=args.beams),
+                                  1 if name == "large" else args.reps)
+                same = [[i for h in a for i in h.items] for a in ours] == [[i for h in b for i in h.items] for b in ref]
+            row = {
+                "model": name, "params_m": round(params / 1e6, 1), "batch": bs, "beams": args.beams,
+                "prompt_tokens_mean": round(sum(map(len, prompts)) / bs, 1),
+                "sidrec_recs_per_s": bs / t_ours, "sidrec_ms_per_req": 1000 * t_ours / bs,
+                "floor_ms_per_req": 1000 * t_floor / bs,
+                "hf_ms_per_req": 1000 * t_hf / bs if t_hf else None,
+                "speedup_vs_hf": t_hf / t_ours if t_hf else None,
+                "ratio_to_floor": t_ours / t_floor, "identical_top10": same,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    head = (f"{'model':6} {'params':>7} {'batch':>5} {'sidrec rec/s':>12} {'sidrec ms/req':>13} "
+            f"{'HF ms/req':>10} {'floor ms/req':>12} {'vs HF':>7} {'/floor':>7} {'same top10':>10}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        hf = f"{r['hf_ms_per_req']:.1f}" if r["hf_ms_per_req"] else "skipped"
+        sp = f"{r['speedup_vs_hf']:.1f}x" if r["speedup_vs_hf"] else "-"
+        print(f"{r['model']:6} {r['params_m']:>6}M {r['batch']:>5} {r['sidrec_recs_per_s']:>12.1f} "
+              f"{r['sidrec_ms_per_req']:>13.1f} {hf:>10} {r['floor_ms_per_req']:>12.1f} {sp:>7} "
+              f"{r['ratio_to_floor']:>6.2f}x {str(r['identical_top10']):>10}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args), "threads": args.threads}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
