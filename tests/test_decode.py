@@ -148,6 +148,9 @@ def test_dead_ends_never_fall_back_to_unconstrained(setup, scoring):
     assert all(h.codes[0] != first and np.isfinite(h.score) and index.contains(h.codes) for h in hits[0])
     dec = SidDecoder(model, tok, index, scoring=scoring)
     assert dec.search(prompts[:2], k=10, exclude=[set(ids), set()])[0] == []
+    # all but one item excluded: 19 of 20 beams are dead at every level, some on codes without a token
+    only = dec.search(prompts[:1], k=1, exclude=[set(ids) - {"i77"}])[0]
+    assert [h.items for h in only] == [["i77"]]
     under = {ids[r] for r in range(N_ITEMS) if codes[r][0] == first}
     pruned = dec.search(prompts[:1], k=10, exclude=[under])[0]
     assert len(pruned) == 10 and all(h.codes[0] != first for h in pruned)
@@ -164,9 +167,12 @@ def test_renormalized_empty_allowed_row_is_minus_inf_not_nan(setup):
     assert out[0, 2] == 0 and torch.isinf(out[1:]).all()
 
 
-def test_fewer_valid_sids_than_beams(setup):
+@pytest.mark.parametrize("codebook", [K, 2 * K])
+def test_fewer_valid_sids_than_beams(setup, codebook):
+    """3 items, beam 20: most beams are dead from the start. With codebook 2K, codes K..2K-1 have no token,
+    and dead beams sitting on them must not feed an invalid token id to the model."""
     model, tok, _, prompts, codes, ids = setup
-    small = SidIndex.build(codes[:3], ids[:3], codebook_size=K)  # 3 items: 1-2 first codes, beam 20
+    small = SidIndex.build(codes[:3], ids[:3], codebook_size=codebook)
     ours = SidDecoder(model, tok, small, num_beams=20).search(prompts[:3], k=10)
     ref = hf_reference_search(model, tok, small, prompts[:3], k=10, num_beams=20)
     for a, b in zip(ours, ref, strict=True):

@@ -262,7 +262,8 @@ class SidDecoder:
         step_pos = next_pos.repeat_interleave(B)
         base = (torch.arange(R, device=dev) * B)[:, None]                          # [R, 1]
         for level in range(1, L):
-            tokens = self.tokens[level - 1].gather(0, beam_codes[:, -1])          # [R*B]
+            # dead (-inf) beams may hold a code without a token (-1): feed any token, their score stays -inf
+            tokens = self.tokens[level - 1].gather(0, beam_codes[:, -1]).clamp(min=0)  # [R*B]
             mask = torch.cat([mask, mask.new_ones(R * B, 1)], dim=1)
             logits, cache = self._forward(tokens[:, None], mask, step_pos[:, None], cache)
             step_pos = step_pos + 1
