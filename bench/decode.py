@@ -55,12 +55,17 @@ def large_model(vocab: int, tokenizer) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
-    out, best = None, float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
+def interleaved(fns: dict, reps: dict[str, int]) -> tuple[dict[str, float], dict[str, object]]:
+    """Best-of-reps seconds per function, calls interleaved (a, b, c, a, b, c, ...) so load drift on a
+    shared machine hits every contender alike."""
+    best = {n: float("inf") for n in fns}
+    out: dict[str, object] = {}
+    for rep in range(max(reps.values())):
+        for name, fn in fns.items():
+            if rep < reps[name]:
+                t = time.perf_counter()
+                out[name] = fn()
+                best[name] = min(best[name], time.perf_counter() - t)
     return best, out
 
 
@@ -74,7 +79,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (best is kept)")
     ap.add_argument("--hf-max-batch-large", type=int, default=8,
                     help="largest batch the (slow) HF reference runs on the large model; CPU time guard")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,15 +97,22 @@ def main() -> None:
         for bs in args.batches:
             prompts = prompts_all[:bs]
             dec.search(prompts[:1], k=args.k)  # warm-up
-            t_ours, ours = timed(lambda: dec.search(prompts, k=args.k), args.reps)  # noqa: B023
-            t_floor, _ = timed(lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id), args.reps)  # noqa: B023
             run_hf = name == "tiny" or bs <= args.hf_max_batch_large
-            t_hf, same = None, None
+            fns = {
+                "ours": lambda: dec.search(prompts, k=args.k),  # noqa: B023
+                "floor": lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id),  # noqa: B023
+            }
+            reps = {"ours": args.reps, "floor": args.reps}
             if run_hf:
-                t_hf, ref = timed(lambda: hf_reference_search(model, rec.tokenizer, rec.index, prompts,  # noqa: B023
-                                                              k=args.k, num_beams=args.beams),
-                                  1 if name == "large" else args.reps)
-                same = [[i for h in a for i in h.items] for a in ours] == [[i for h in b for i in h.items] for b in ref]
+                fns["hf"] = lambda: hf_reference_search(model, rec.tokenizer, rec.index, prompts,  # noqa: B023
+                                                        k=args.k, num_beams=args.beams)
+                reps["hf"] = 1 if name == "large" else args.reps
+            best, outs = interleaved(fns, reps)
+            t_ours, t_floor, t_hf = best["ours"], best["floor"], best.get("hf")
+            same = None
+            if run_hf:
+                same = [[i for h in a for i in h.items] for a in outs["ours"]] == [
+                    [i for h in b for i in h.items] for b in outs["hf"]]
             row = {
                 "model": name, "params_m": round(params / 1e6, 1), "batch": bs, "beams": args.beams,
                 "prompt_tokens_mean": round(sum(map(len, prompts)) / bs, 1),

@@ -29,6 +29,16 @@ def local_ray():
     ray.shutdown()
 
 
+def small_run_overrides() -> list[str]:
+    """quickstart overrides for a real but small run on ml-100k (tiny model, a few steps, sampled eval)."""
+    return [
+        f"data.path={shared_data('ml-100k')}",
+        "model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
+        "train.max_steps=24", "train.epochs=2", "train.max_val_rows=64", "train.max_length=160",
+        "eval.max_examples=48", "eval.unconstrained_sample=8", "eval.sasrec.epochs=2",
+    ]
+
+
 @pytest.fixture(scope="session")
 def trained_store(local_ray, tmp_path_factory):
     """A real, small end-to-end store for evaluation and serving tests: ml-100k SIDs from MiniLM, a tiny
@@ -37,11 +47,6 @@ def trained_store(local_ray, tmp_path_factory):
     from sidrec.train import train_all
 
     root = tmp_path_factory.mktemp("trained") / "store"
-    cfg = load_config("quickstart", [
-        f"store.root={root}", f"data.path={shared_data('ml-100k')}",
-        "model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
-        "train.max_steps=24", "train.epochs=2", "train.max_val_rows=64", "train.max_length=160",
-        "eval.max_examples=48", "eval.unconstrained_sample=8", "eval.sasrec.epochs=2",
-    ])
+    cfg = load_config("quickstart", [f"store.root={root}", *small_run_overrides()])
     train_all(cfg)
     return cfg, str(root)

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from sidrec.evaluate import EvalConfig, evaluate_stage, format_table, hr_ndcg, target_ranks
+from sidrec.evaluate import EvalConfig, evaluate_stage, format_table
+from sidrec.metrics import hr_ndcg, target_ranks
 from sidrec.store import ArtifactStore
 
 

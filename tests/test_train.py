@@ -22,12 +22,11 @@ from sidrec.data import load_amazon_prepared
 from sidrec.store import ArtifactStore
 from sidrec.train import (
     CRASH_ENV,
-    SidTrie,
     TrainConfig,
     build_base_model_stage,
     build_instruction_stage,
     fill_deepspeed_config,
-    recommend_hr_at_k,
+    next_item_metrics,
     resolve_deepspeed_config,
     train_all,
     train_model_stage,
@@ -212,13 +211,15 @@ def test_exported_model_loads_with_plain_transformers_and_generates_a_sid(prepar
     new = tok.convert_ids_to_tokens(out[0, prompt.shape[1]:].tolist())
     assert new[0].startswith("<a_") and new[1].startswith("<b_"), new
     # constrained beam search: ten distinct valid SIDs
-    trie = SidTrie(tok, sids)
-    res = recommend_hr_at_k(model, tok, [r["prompt"] for r in rows], [r["response"] for r in rows], trie,
+    from sidrec.decode import SidDecoder
+    from sidrec.index import SidIndex
+
+    index = SidIndex.from_table(store.read_table(f"{store.current_path('sids')}/sids.parquet"))
+    res = next_item_metrics(model, tok, index, [r["prompt"] for r in rows], [r["target_item"] for r in rows],
                             k=10, num_beams=10, max_length=160)
     assert res["users"] == 5 and 0.0 <= res["hr@10"] <= 1.0
-    from sidrec.train import recommend
-
-    recs = recommend(model, tok, [rows[0]["prompt"]], trie, k=10, num_beams=10, max_length=160)[0]
+    hits = SidDecoder(model, tok, index, num_beams=10).search([encode_prompt(rows[0]["prompt"], tok, 155)], k=10)[0]
+    recs = [h.sid for h in hits]
     assert len(recs) == 10 and len(set(recs)) == 10 and set(recs) <= set(sids)
 
 

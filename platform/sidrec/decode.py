@@ -276,8 +276,8 @@ class SidDecoder:
             new_code = (flat % K).reshape(-1, 1)
             beam_scores = top.reshape(-1)
             beam_codes = torch.cat([beam_codes[parent], new_code], dim=1)
-            state = self.index.step_state(state[parent], new_code[:, 0], level)
-            if level < L - 1:
+            if level < L - 1:  # the last level needs no trie node and no cache
+                state = self.index.step_state(state[parent], new_code[:, 0], level)
                 self._reorder_generated(cache, parent, T)
         return beam_codes.view(R, B, L).cpu().numpy(), beam_scores.view(R, B).cpu().numpy()
 

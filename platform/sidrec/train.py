@@ -221,107 +221,26 @@ def zero_stage(ds: dict | None) -> int:
 # ------------------------------------------------------------------------------------- cheap evaluation
 
 
-class SidTrie:
-    """Prefix tree over the token ids of every valid SID, for constrained decoding.
-
-    ``allowed(prefix)`` is the list of next token ids after the generated ``prefix``; a complete SID (and
-    anything off the tree) only allows ``eos``, so finished beams stop.
-    """
-
-    def __init__(self, tokenizer, sids: Sequence[str]):
-        from sidrec.llm import encode_sid
-
-        self.eos = tokenizer.eos_token_id
-        self.next: dict[tuple[int, ...], list[int]] = {}
-        self.sid_of: dict[tuple[int, ...], str] = {}
-        children: dict[tuple[int, ...], set[int]] = {}
-        for sid in dict.fromkeys(sids):
-            ids = tuple(encode_sid(tokenizer, sid))
-            self.sid_of[ids] = sid
-            for i in range(len(ids)):
-                children.setdefault(ids[:i], set()).add(ids[i])
-        self.next = {k: sorted(v) for k, v in children.items()}
-        self.max_len = max((len(k) for k in self.sid_of), default=0)
-
-    def allowed(self, prefix: Sequence[int]) -> list[int]:
-        return self.next.get(tuple(prefix), [self.eos])
-
-    def prefix_fn(self, prompt_len: int) -> Callable[[int, torch.Tensor], list[int]]:
-        """A ``prefix_allowed_tokens_fn`` for ``generate`` on prompts left-padded to ``prompt_len``."""
-
-        def fn(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            return self.allowed(input_ids[prompt_len:].tolist())
-
-        return fn
-
-    def decode(self, ids: Sequence[int]) -> str | None:
-        """The SID spelled by generated ``ids`` (up to eos/pad), or None if it is not a valid SID."""
-        out = []
-        for i in ids:
-            if int(i) == self.eos:
-                break
-            out.append(int(i))
-        return self.sid_of.get(tuple(out))
-
-
 @torch.no_grad()
-def recommend(model, tokenizer, prompts: Sequence[str], trie: SidTrie, k: int = HR_K, num_beams: int = HR_K,
-              max_length: int = 256, batch_size: int = 16) -> list[list[str]]:
-    """Top-``k`` valid SIDs per prompt by constrained beam search (prompts encoded as in training)."""
+def next_item_metrics(model, tokenizer, index, prompts: Sequence[str], targets: Sequence[str], k: int = HR_K,
+                      num_beams: int = HR_K, max_length: int = 256, batch_size: int = 16) -> dict[str, float]:
+    """Next-item HR@k and NDCG@k of constrained beam search (``SidDecoder``) over ``index``'s items;
+    ``prompts`` are rendered instruction prompts, ``targets`` the target item ids."""
+    from sidrec.decode import SidDecoder
     from sidrec.llm import encode_prompt
+    from sidrec.metrics import hr_ndcg, target_ranks
 
-    if num_beams < k:
-        raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[list[str]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = [encode_prompt(p, tokenizer, max_length - trie.max_len - 1)
-                   for p in prompts[start:start + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for row, e in enumerate(enc):  # left padding: generation continues right after each prompt
-                ids[row, width - len(e):] = torch.as_tensor(e)
-                mask[row, width - len(e):] = 1
-            gen = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=trie.max_len + 1, num_beams=num_beams, num_return_sequences=k,
-                do_sample=False, early_stopping=True, prefix_allowed_tokens_fn=trie.prefix_fn(width),
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-            )
-            new = gen[:, width:].cpu().tolist()
-            for row in range(len(enc)):
-                seen, recs = set(), []
-                for seq in new[row * k:(row + 1) * k]:
-                    sid = trie.decode(seq)
-                    if sid is not None and sid not in seen:
-                        seen.add(sid)
-                        recs.append(sid)
-                out.append(recs)
-    finally:
-        model.train(was_training)
-    return out
-
-
-def recommend_hr_at_k(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], trie: SidTrie,
-                      k: int = HR_K, num_beams: int = HR_K, max_length: int = 256,
-                      batch_size: int = 16) -> dict[str, float]:
-    """Next-item HR@k and NDCG@k of constrained beam search: ``targets`` are the target items' SIDs."""
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets must have the same length")
     if not prompts:
         return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0, "users": 0}
-    recs = recommend(model, tokenizer, prompts, trie, k, num_beams, max_length, batch_size)
-    hits, ndcg = 0, 0.0
-    for rec, target in zip(recs, targets, strict=True):
-        if target in rec[:k]:
-            hits += 1
-            ndcg += 1.0 / math.log2(rec.index(target) + 2)
-    return {f"hr@{k}": hits / len(prompts), f"ndcg@{k}": ndcg / len(prompts), "users": len(prompts)}
+    decoder = SidDecoder(model, tokenizer, index, num_beams=num_beams)
+    room = max_length - index.levels - 1
+    top: list[list[str]] = []
+    for s in range(0, len(prompts), batch_size):
+        ids = [encode_prompt(p, tokenizer, room) for p in prompts[s:s + batch_size]]
+        top += [[i for h in hits for i in h.items][:k] for hits in decoder.search(ids, k=k)]
+    return {**hr_ndcg(target_ranks(top, list(targets)), ks=(k,)), "users": len(prompts)}
 
 
 # -------------------------------------------------------------------------------------- data helpers
@@ -580,10 +499,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 optimizer.load_state_dict(opt_state["optimizer"])
                 scheduler.load_state_dict(opt_state["scheduler"])
 
-    trie = None
+    index = None
     if eval_rows:
-        sids = store.read_table(config["sids_path"], columns=["sid"]).column("sid").to_pylist()
-        trie = SidTrie(tokenizer, sids)
+        from sidrec.index import SidIndex
+
+        index = SidIndex.from_table(store.read_table(config["sids_path"], columns=["item_id", "codes"]))
     params = [p for p in module.parameters() if p.requires_grad]
 
     strategy = f"deepspeed zero-{zero_stage(ds_cfg)}" if use_ds else "ddp"
@@ -695,13 +615,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                            os.path.join(tmp, "optimizer.pt"))
         # ---- cheap next-item check on rank 0 (the others wait in report)
-        if rank == 0 and trie is not None:
+        if rank == 0 and index is not None:
             t0 = time.perf_counter()
             eval_model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "model")).to(device) \
                 if stage3 else module
             with autocast():
-                hr = recommend_hr_at_k(eval_model, tokenizer, [r["prompt"] for r in eval_rows],
-                                       [r["response"] for r in eval_rows], trie, k=HR_K,
+                hr = next_item_metrics(eval_model, tokenizer, index, [r["prompt"] for r in eval_rows],
+                                       [r["target_item"] for r in eval_rows], k=HR_K,
                                        num_beams=tcfg.eval_beams, max_length=tcfg.max_length)
             metrics[f"hr@{HR_K}"] = hr[f"hr@{HR_K}"]
             metrics[f"ndcg@{HR_K}"] = hr[f"ndcg@{HR_K}"]
