@@ -295,10 +295,10 @@ def _tokenize(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict],
 
 
 def _read_rows(store: ArtifactStore, folder: str) -> list[dict]:
-    """task / prompt / response rows of an instruction parquet folder ([] when it holds no file)."""
+    """task / prompt / response / target_item rows of an instruction parquet folder ([] when it holds no file)."""
     if not store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
         return []
-    return store.read_table(folder, columns=["task", "prompt", "response"]).to_pylist()
+    return store.read_table(folder, columns=["task", "prompt", "response", "target_item"]).to_pylist()
 
 
 def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
