@@ -80,20 +80,14 @@ def _columns(examples: pa.Table) -> tuple[list[str], list[list[str]], list[str]]
 
 def hr_ndcg_at_k(recommend: Callable[[list[list[str]], int], list[list[str]]], examples: pa.Table,
                  k: int = EVAL_K) -> dict[str, float]:
-    """Full-ranking next-item HR@k (target in the top k) and NDCG@k (1/log2(rank+2), rank from 0).
+    """Full-ranking next-item HR@k and NDCG@k of any recommender's ``recommend`` (exclude_history left off)."""
+    from sidrec.metrics import hr_ndcg, target_ranks
 
-    recommend is any recommender's ``recommend`` (called with exclude_history left at False).
-    """
     _check_k(k)
     _, histories, targets = _columns(examples)
     if not targets:
         return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0, "n": 0}
-    hits, ndcg = 0, 0.0
-    for rec, target in zip(recommend(histories, k), targets, strict=True):
-        if target in rec:
-            hits += 1
-            ndcg += 1.0 / math.log2(rec.index(target) + 2)
-    return {f"hr@{k}": hits / len(targets), f"ndcg@{k}": ndcg / len(targets), "n": len(targets)}
+    return {**hr_ndcg(target_ranks(recommend(histories, k), targets), ks=(k,)), "n": len(targets)}
 
 
 @contextlib.contextmanager
