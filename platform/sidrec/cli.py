@@ -63,9 +63,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sidrec.evaluate import evaluate_all
+    from sidrec.pipeline import run_pipeline
 
-    _print_report(evaluate_all(load_config(args.config, args.overrides), force=args.force))
+    _print_report(run_pipeline(load_config(args.config, args.overrides), force_eval=args.force))
     return 0
 
 

@@ -95,10 +95,11 @@ class SidDecoder:
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.tokens = sid_token_table(tokenizer, index.levels, index.codebook_size).to(self.device)  # [L, K]
-        used = index.codes()
-        if used.size:
-            missing = [(lv, int(c)) for lv in range(self.levels) for c in np.unique(used[:, lv])
-                       if int(self.tokens[lv, c]) < 0]
+        # the codes used at level l are exactly the trie's level-l child codes (main and delta index)
+        parts = [index, *([index.delta] if index.delta is not None else [])]
+        used = [np.unique(np.concatenate([p.child_codes[lv] for p in parts])) for lv in range(self.levels)]
+        if any(u.size for u in used):
+            missing = [(lv, int(c)) for lv in range(self.levels) for c in used[lv] if int(self.tokens[lv, int(c)]) < 0]
             if missing:
                 raise ValueError(f"the tokenizer lacks SID tokens used by the index, e.g. "
                                  f"{[sid_token(lv, c) for lv, c in missing[:5]]}; add them with add_sid_tokens")
@@ -215,7 +216,8 @@ class SidDecoder:
         if not prompts:
             return []
         if exclude is not None:
-            unknown = sorted({str(i) for ex in exclude for i in ex} - set(self._item_index()))
+            known = self._item_index()
+            unknown = sorted({str(i) for ex in exclude for i in ex if str(i) not in known})
             if unknown:
                 raise ValueError(f"unknown item ids to exclude: {unknown[:10]}")
         if not constrained:

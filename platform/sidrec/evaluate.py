@@ -274,13 +274,3 @@ def evaluate_stage(store: ArtifactStore, cfg, force: bool = False) -> dict:
         return {name: {k: round(v, 4) for k, v in m.items()} for name, m in models.items()}
 
     return run_stage(store, f"eval_{ecfg.split}", config, inputs, force, body)
-
-
-def evaluate_all(cfg, force: bool = False) -> dict:
-    """Train if needed (SIDs, instructions, model), then the eval stage; returns the report."""
-    from sidrec.train import train_all
-
-    train_all(cfg)
-    store = ArtifactStore(cfg.store.root)
-    evaluate_stage(store, cfg, force)
-    return store.read_json(f"{store.current_path(f'eval_{cfg.eval.split}')}/report.json")

@@ -20,14 +20,15 @@ from sidrec.store import ArtifactStore
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: SidrecConfig, force: bool = False) -> dict:
-    """Every stage through evaluation; returns the evaluation report."""
+def run_pipeline(cfg: SidrecConfig, force: bool = False, force_eval: bool = False) -> dict:
+    """Every stage through evaluation; returns the evaluation report. ``force`` rebuilds every stage,
+    ``force_eval`` only the evaluation (``sidrec eval --force``)."""
     from sidrec.evaluate import evaluate_stage
     from sidrec.train import train_all
 
     train_all(cfg, force)
     store = ArtifactStore(cfg.store.root)
-    evaluate_stage(store, cfg, force)
+    evaluate_stage(store, cfg, force or force_eval)
     return store.read_json(f"{store.current_path(f'eval_{cfg.eval.split}')}/report.json")
 
 
