@@ -108,24 +108,18 @@ class SidLLMPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         histories = batch.column("history").to_pylist()
-        top = self.rec.top_items(histories, k=MAX_K, exclude_history=self.exclude_history,
-                                 user_ids=batch.column("user_id").to_pylist())
-        return pa.table({
-            "row": batch.column("row"), "top": pa.array(top, pa.list_(pa.string()))})
-
-
-def _unconstrained_invalid_share(store_root: str, examples: pa.Table, ecfg: EvalConfig) -> float:
-    """Share of the top-10 outputs of free (trie-less) beam search that are not real items."""
-    from sidrec.recommender import Recommender
-
-    rec = Recommender.from_store(store_root, num_beams=ecfg.num_beams, device="cpu")
-    hist, users = examples.column("history").to_pylist(), examples.column("user_id").to_pylist()
-    valid = []
-    for s in range(0, len(hist), ecfg.batch_size):
-        for hits in rec.recommend(hist[s:s + ecfg.batch_size], k=MAX_K, user_ids=users[s:s + ecfg.batch_size],
-                                  constrained=False):
-            valid += [h.valid for h in hits]
-    return 1.0 - float(np.mean(valid)) if valid else 0.0
+        users = batch.column("user_id").to_pylist()
+        top = self.rec.top_items(histories, k=MAX_K, exclude_history=self.exclude_history, user_ids=users)
+        # rows sampled for the unconstrained check: share of free beam-search outputs that are real items
+        free = [i for i, f in enumerate(batch.column("free").to_pylist()) if f]
+        valid: list[float | None] = [None] * len(histories)
+        if free:
+            hits = self.rec.recommend([histories[i] for i in free], k=MAX_K, user_ids=[users[i] for i in free],
+                                      constrained=False)
+            for i, h in zip(free, hits, strict=True):
+                valid[i] = float(np.mean([x.valid for x in h]))
+        return pa.table({"row": batch.column("row"), "top": pa.array(top, pa.list_(pa.string())),
+                         "free_valid": pa.array(valid, pa.float64())})
 
 
 # -------------------------------------------------------------------------------------------- stage
@@ -219,7 +213,11 @@ def evaluate_stage(store: ArtifactStore, cfg, force: bool = False) -> dict:
             raise ValueError(f"the {ecfg.split} split has no examples")
         histories, targets = examples.column("history").to_pylist(), examples.column("target").to_pylist()
         t0 = time.perf_counter()
+        n_free = min(ecfg.unconstrained_sample, examples.num_rows)
+        free = np.zeros(examples.num_rows, dtype=bool)
+        free[np.random.default_rng(ecfg.seed + 1).choice(examples.num_rows, size=n_free, replace=False)] = True
         rows = examples.append_column("row", pa.array(np.arange(examples.num_rows), pa.int64()))
+        rows = rows.append_column("free", pa.array(free))
         ds = ray.data.from_arrow(rows).repartition(max(ecfg.num_actors * 4, 1))
         preds = ds.map_batches(
             SidLLMPredictor, batch_format="pyarrow", batch_size=ecfg.batch_size,
@@ -252,10 +250,8 @@ def evaluate_stage(store: ArtifactStore, cfg, force: bool = False) -> dict:
             timings[name.replace("_", "-")] = round(time.perf_counter() - t1, 2)
 
         models = {name: hr_ndcg(target_ranks(top, targets)) for name, top in columns.items()}
-        invalid = None
-        n_free = min(ecfg.unconstrained_sample, examples.num_rows)
-        if n_free:
-            invalid = _unconstrained_invalid_share(store.root, _sample(examples, n_free, ecfg.seed + 1), ecfg)
+        free_valid = [v for v in out.column("free_valid").to_pylist() if v is not None]
+        invalid = 1.0 - float(np.mean(free_valid)) if free_valid else None
         report = {
             "name": cfg.name, "split": ecfg.split, "examples": examples.num_rows, "catalog_items": len(catalog_ids),
             "training_data": "train + valid" if train_on_valid else "train only",
