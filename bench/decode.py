@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from sidrec.decode import SidDecoder, hf_reference_search, left_pad
+from sidrec.decode.beam import SidDecoder, left_pad
+from sidrec.decode.hf_reference import hf_reference_search
 from sidrec.recommender import Recommender
 from sidrec.store import ArtifactStore
 

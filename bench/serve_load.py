@@ -48,8 +48,7 @@ def free_port() -> int:
 def catalog_ids(store_root: str) -> list[str]:
     from sidrec.store import ArtifactStore
 
-    store = ArtifactStore(store_root)
-    return store.read_table(f"{store.current_path('sids')}/sids.parquet", columns=["item_id"])["item_id"].to_pylist()
+    return ArtifactStore(store_root).sid_table(["item_id"])["item_id"].to_pylist()
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -133,6 +132,21 @@ def kill_one_replica(app: str, after_s: float, recover_timeout_s: float):
     return run
 
 
+def print_table(results: dict, args: argparse.Namespace) -> None:
+    print()
+    print(f"{args.clients} clients x {args.seconds:g}s per run, POST /v1/recommend k=10, num_beams={args.num_beams}")
+    print("| run | requests/s | p50 ms | p99 ms | ok | failed | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results["runs"].values():
+        print(f"| {r['label']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ok']} | "
+              f"{r['errors']} | {r['mean_batch_size']} |")
+    for name in ("kill", "kill0"):
+        kill = results["runs"].get(name, {}).get("kill")
+        if kill:
+            print(f"{name}: killed replica {kill['killed']}; replacement running after "
+                  f"{kill['replacement_running_after_s']}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default=str(REPO / "artifacts" / "quickstart"), help="artifact store root")
@@ -200,19 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
-
-    print()
-    print(f"{args.clients} clients x {args.seconds:g}s per run, POST /v1/recommend k=10, num_beams={args.num_beams}")
-    print("| run | requests/s | p50 ms | p99 ms | ok | failed | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results["runs"].values():
-        print(f"| {r['label']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ok']} | "
-              f"{r['errors']} | {r['mean_batch_size']} |")
-    for name in ("kill", "kill0"):
-        kill = results["runs"].get(name, {}).get("kill")
-        if kill:
-            print(f"{name}: killed replica {kill['killed']}; replacement running after "
-                  f"{kill['replacement_running_after_s']}s")
+    print_table(results, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out} (total {results['total_seconds']}s)")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sidrec.config import EmbedConfig
-from sidrec.data import load_amazon_prepared
-from sidrec.embed import TextEncoder, embed_catalog, embeddings_to_numpy
-from sidrec.quantize import QuantizerConfig, encode_codes, fit_quantizer
-from sidrec.sids import code_usage, collision_stats
+from sidrec.config import EmbedConfig, QuantizerConfig
+from sidrec.data.sources import load_amazon_prepared
+from sidrec.sids.codes import code_usage, collision_stats
+from sidrec.sids.embed import TextEncoder, embed_catalog, embeddings_to_numpy
+from sidrec.sids.quantize import encode_codes, fit_quantizer
 from sidrec.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,20 +40,15 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sidrec.config import load_config
-    from sidrec.instructions import TEMPLATES
-    from sidrec.llm import encode_prompt
+    from sidrec.llm.instructions import TEMPLATES
+    from sidrec.llm.sft import encode_prompt
     from sidrec.store import ArtifactStore
-    from sidrec.train import fetch_model_dir
 
     cfg = load_config(args.config, args.overrides)
     store = ArtifactStore(cfg.store.root)
-    ds_path, sids_path = store.current_path("dataset"), store.current_path("sids")
-    sid_rows = store.read_table(f"{sids_path}/sids.parquet").to_pylist()
-    sid_of = {r["item_id"]: r["sid"] for r in sid_rows}
-    catalog = store.read_table(f"{ds_path}/catalog.parquet")
-    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist(), strict=True))
+    sid_of, titles = store.sid_map(), store.titles()
 
-    model_dir = fetch_model_dir(store)
+    model_dir = store.fetch_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.set_num_threads(2)

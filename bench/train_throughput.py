@@ -28,10 +28,10 @@ def main() -> int:
 
     import ray
 
-    from sidrec.build import build_all
     from sidrec.config import load_config
+    from sidrec.pipeline import run
+    from sidrec.stages import model
     from sidrec.store import ArtifactStore
-    from sidrec.train import build_base_model_stage, build_instruction_stage, train_model_stage
 
     data = REPO.parent / "shared" / "data" / "amazon18-industrial"
     base = [f"store.root={args.store}", f"data.path={data}", "train.eval_users=0", "train.max_val_rows=64",
@@ -41,14 +41,12 @@ def main() -> int:
     results = []
     try:
         cfg = load_config(args.config, base)
-        build_all(cfg)
+        run(cfg, until="base_model")
         store = ArtifactStore(cfg.store.root)
-        build_instruction_stage(store, cfg)
-        build_base_model_stage(store, cfg)
         for strategy, workers in runs:
             cfg = load_config(args.config, [*base, f"train.strategy={strategy}", f"train.num_workers={workers}",
                                             "train.deepspeed_config=ds_zero2.json"])
-            m = train_model_stage(store, cfg, force=True)["metrics"]
+            m = model.build(store, cfg, force=True)["metrics"]
             results.append({"strategy": strategy if strategy == "ddp" else "deepspeed-zero2", "workers": workers,
                             "steps": m["steps"], "tokens_per_s": m["tokens_per_s"],
                             "fit_seconds": m["fit_seconds"]})

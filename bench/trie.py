@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidrec.index import SidIndex
-from sidrec.sids import assign_collisions
+from sidrec.sids.codes import assign_collisions
+from sidrec.sids.index import SidIndex
 
 REPO = Path(__file__).resolve().parents[1]
 

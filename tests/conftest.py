@@ -44,9 +44,9 @@ def trained_store(local_ray, tmp_path_factory):
     """A real, small end-to-end store for evaluation and serving tests: ml-100k SIDs from MiniLM, a tiny
     Qwen2 fine-tuned for a few Ray Train steps. Returns (config, store root)."""
     from sidrec.config import load_config
-    from sidrec.train import train_all
+    from sidrec.pipeline import run
 
     root = tmp_path_factory.mktemp("trained") / "store"
     cfg = load_config("quickstart", [f"store.root={root}", *small_run_overrides()])
-    train_all(cfg)
+    run(cfg, until="model")
     return cfg, str(root)

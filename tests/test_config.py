@@ -47,3 +47,35 @@ def test_shipped_configs_load_and_resolve_paths(tmp_path, monkeypatch):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_every_option_is_typed_and_described():
+    from sidrec.config import ServeAppConfig, ServeSettings, describe
+
+    rows = describe() + describe(ServeSettings, "user_config") + describe(ServeAppConfig, "args")
+    assert len(rows) > 100
+    assert [name for name, _, _, text in rows if not text.strip()] == []
+
+
+@pytest.mark.parametrize(
+    "section, data, message",
+    [
+        ("ServeSettings", {"store_root": "/s", "num_beams": 0}, "user_config.num_beams must be >= 1, got 0"),
+        ("ServeSettings", {"store_root": "relative/dir"}, "user_config.store_root must be an absolute path"),
+        ("ServeSettings", {"store_root": "/s", "beams": 4}, "unknown option 'user_config.beams'"),
+        ("ServeSettings", {"store_root": "/s", "scoring": "max"}, "user_config.scoring must be one of"),
+        ("SASRecConfig", {"dropout": 1.5}, "eval.sasrec.dropout must be < 1"),
+        ("TrainConfig", {"epochs": "3"}, "train.epochs must be an integer, got '3'"),
+    ],
+)
+def test_sections_built_from_mappings_name_the_dotted_option(section, data, message):
+    import sidrec.config as c
+
+    with pytest.raises(ConfigError) as e:
+        c.section_from_dict(getattr(c, section), data)
+    assert message in str(e.value)
+
+
+def test_nested_override_names_the_full_path():
+    with pytest.raises(ConfigError, match=r"^eval\.sasrec\.epochs must be >= 1, got 0$"):
+        config_from_dict({}, ["eval.sasrec.epochs=0"])

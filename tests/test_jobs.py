@@ -6,12 +6,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import small_run_overrides
-from tests.test_serve import _cli, _ray_head
+from tests.serve.test_deploy import _cli, _ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_pipeline_job_resumes_from_the_store(trained_store, tmp_path):
     """The job gets a store that already holds the dataset and embeddings stages (as after an interrupted
     run): it must skip those and build quantizer -> SIDs -> instructions -> model -> evaluation."""
@@ -28,7 +31,7 @@ def test_pipeline_job_resumes_from_the_store(trained_store, tmp_path):
         with _ray_head(ray_tmp, env) as dashboard:
             cmd = [*_cli("ray", "from ray.scripts.scripts import main; main()"), "job", "submit",
                    "--address", dashboard, "--working-dir", str(REPO), "--",
-                   "python", "ray_jobs/pipeline.py", "--config", "quickstart", f"store.root={root}",
+                   "python", "ray_jobs/run.py", "pipeline", "--config", "quickstart", f"store.root={root}",
                    *small_run_overrides()]
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
             out = proc.stdout + proc.stderr

@@ -11,13 +11,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from sidrec import console
 from sidrec.config import ConfigError, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's and the workers' own output")
     p.add_argument("--config", "-c", default=None,
                    help="YAML config file, or the name of a shipped config (ml-100k, amazon-industrial)")
     p.add_argument("overrides", nargs="*", metavar="section.option=value",
@@ -25,7 +27,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _print_sids_report(cfg) -> None:
-    from sidrec.report import format_report
+    from sidrec.sids.report import format_report
     from sidrec.store import ArtifactStore
 
     store = ArtifactStore(cfg.store.root)
@@ -35,10 +37,10 @@ def _print_sids_report(cfg) -> None:
 
 
 def _sids_build(args: argparse.Namespace) -> int:
-    from sidrec.build import build_all
-
     cfg = load_config(args.config, args.overrides)
-    build_all(cfg, force=args.force)
+    from sidrec.pipeline import run
+
+    run(cfg, until="sids", force=args.force)
     _print_sids_report(cfg)
     return 0
 
@@ -49,11 +51,11 @@ def _sids_report(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sidrec.store import ArtifactStore
-    from sidrec.train import train_all
-
     cfg = load_config(args.config, args.overrides)
-    manifests = train_all(cfg, force=args.force)
+    from sidrec.pipeline import run
+    from sidrec.store import ArtifactStore
+
+    manifests = run(cfg, until="model", force=args.force)
     store = ArtifactStore(cfg.store.root)
     print(f"model: {store.current_path('model')} (version {manifests['model']['version']})")
     for row in store.read_json(f"{store.current_path('model')}/metrics.json")["history"]:
@@ -63,14 +65,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sidrec.pipeline import run_pipeline
+    cfg = load_config(args.config, args.overrides)
+    from sidrec.pipeline import eval_report, run
 
-    _print_report(run_pipeline(load_config(args.config, args.overrides), force_eval=args.force))
+    run(cfg, force={"eval"} if args.force else False)
+    _print_report(eval_report(cfg))
     return 0
 
 
 def _print_report(report: dict) -> None:
-    from sidrec.evaluate import format_table
+    from sidrec.eval.report import format_table
 
     print(f"{report['name']} {report['split']}: {report['examples']} examples, full ranking over "
           f"{report['catalog_items']} items; trained on {report['training_data']}")
@@ -81,10 +85,12 @@ def _print_report(report: dict) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from sidrec.pipeline import run_pipeline, serve_demo
-
     cfg = load_config(args.config, args.overrides)
-    _print_report(run_pipeline(cfg, force=args.force))
+    from sidrec.pipeline import eval_report, run
+    from sidrec.serve.demo import serve_demo
+
+    run(cfg, force=args.force)
+    _print_report(eval_report(cfg))
     if args.serve or args.keep_serving:
         serve_demo(cfg, port=args.port, keep_serving=args.keep_serving)
     return 0
@@ -92,6 +98,8 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidrec", description="Generative recommendation with Semantic IDs on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's, Ray Data's and the workers' own output (kept in Ray's logs otherwise)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sids = sub.add_parser("sids", help="build and inspect item Semantic IDs")
@@ -134,14 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from sidrec.data import DataValidationError
+    console.setup(verbose=args.verbose)
+    from sidrec.data.tables import DataValidationError
 
     try:
         return args.func(args)
     except (ConfigError, DataValidationError, FileNotFoundError) as e:
         print(f"sidrec: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sidrec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

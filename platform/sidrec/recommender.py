@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sidrec.decode import Hit, Scoring, SidDecoder
-from sidrec.index import SidIndex
-from sidrec.instructions import InstructionConfig, next_item_prompt
-from sidrec.llm import encode_prompt
+from sidrec.config import CODEBOOK_SIZE, NUM_BEAMS, TOP_K, InstructionConfig, section_from_dict
+from sidrec.decode.beam import Hit, Scoring, SidDecoder
+from sidrec.llm.instructions import next_item_prompt
+from sidrec.llm.sft import encode_prompt
+from sidrec.sids.index import SidIndex
+from sidrec.sids.tokens import render_sid
 from sidrec.store import ArtifactStore
 
 
@@ -36,8 +38,8 @@ class Recommender:
     """Next-item recommendation with constrained beam search over the catalog's SIDs."""
 
     def __init__(self, model, tokenizer, sids: pa.Table, titles: dict[str, str], icfg: InstructionConfig,
-                 max_length: int, num_beams: int = 20, scoring: Scoring = "raw", profiles: dict[str, str] | None = None,
-                 model_version: str = "", codebook_size: int = 256):
+                 max_length: int, num_beams: int = NUM_BEAMS, scoring: Scoring = "raw", profiles: dict[str, str] | None = None,
+                 model_version: str = "", codebook_size: int = CODEBOOK_SIZE):
         self.model, self.tokenizer = model, tokenizer
         self.icfg, self.max_length = icfg, max_length
         self.titles = titles
@@ -50,32 +52,24 @@ class Recommender:
         self.max_prompt_tokens = max_length - self.index.levels - 1
 
     @classmethod
-    def from_store(cls, root: str, num_beams: int = 20, scoring: Scoring = "raw", device: str | None = None,
+    def from_store(cls, root: str, num_beams: int = NUM_BEAMS, scoring: Scoring = "raw", device: str | None = None,
                    dtype: torch.dtype | None = None) -> Recommender:
         """Load the published ``model``, ``sids`` and ``dataset`` stages of the store at ``root``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sidrec.train import fetch_model_dir
-
         store = ArtifactStore(root)
         model_manifest = store.require("model")
-        model_dir = fetch_model_dir(store)
+        model_dir = store.fetch_model_dir()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        sids = store.read_table(f"{store.current_path('sids')}/sids.parquet")
-        dpath = store.current_path("dataset")
-        catalog = store.read_table(f"{dpath}/catalog.parquet", columns=["item_id", "title"])
-        titles = dict(zip(catalog["item_id"].to_pylist(), catalog["title"].to_pylist(), strict=True))
-        profiles: dict[str, str] = {}
-        if "profiles.parquet" in store.require("dataset").get("files", []):
-            prof = store.read_table(f"{dpath}/profiles.parquet")
-            profiles = dict(zip(prof["user_id"].to_pylist(), prof["profile"].to_pylist(), strict=True))
-        icfg = InstructionConfig(**store.require("instructions")["config"])
+        sids = store.sid_table()
+        titles, profiles = store.titles(), store.profiles()
+        icfg = section_from_dict(InstructionConfig, store.require("instructions")["config"])
         max_length = int(model_manifest["config"]["train"]["max_length"])
-        codebook = int(store.require("quantizer")["config"].get("codebook_size", 256))
+        codebook = int(store.require("quantizer")["config"].get("codebook_size", CODEBOOK_SIZE))
         return cls(model, tokenizer, sids, titles, icfg, max_length, num_beams, scoring, profiles,
                    model_manifest["version"], codebook)
 
@@ -91,7 +85,7 @@ class Recommender:
         prompt = next_item_prompt(user_id, list(history), self.sid_of, profile, self.icfg)
         return encode_prompt(prompt, self.tokenizer, self.max_prompt_tokens)
 
-    def recommend(self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = False,
+    def recommend(self, histories: Sequence[Sequence[str]], k: int = TOP_K, exclude_history: bool = False,
                   profiles: Sequence[str] | None = None, user_ids: Sequence[str] | None = None,
                   constrained: bool = True) -> list[list[Hit]]:
         """Top-``k`` items per history (oldest first). ``profiles`` default to the stored profile of each
@@ -111,15 +105,13 @@ class Recommender:
         exclude = [set(h) for h in histories] if exclude_history and constrained else None
         return self.decoder.search(prompts, k=k, exclude=exclude, constrained=constrained)
 
-    def top_items(self, histories: Sequence[Sequence[str]], k: int = 10, **kw) -> list[list[str]]:
+    def top_items(self, histories: Sequence[Sequence[str]], k: int = TOP_K, **kw) -> list[list[str]]:
         """Item ids only, best first (the evaluator's view)."""
         return [[i for h in hits for i in h.items][:k] for hits in self.recommend(histories, k, **kw)]
 
     def add_items(self, item_ids: Sequence[str], codes: np.ndarray, titles: Sequence[str]) -> list[str]:
         """Make new catalog items recommendable at once (cold start): SIDs go to the index's delta part.
         Returns their SID strings. Codes must use tokens the model already has."""
-        from sidrec.sids import render_sid
-
         codes = np.asarray(codes, dtype=np.int64).reshape(len(item_ids), -1)
         dup = [i for i in item_ids if i in self.sid_of]
         if dup:

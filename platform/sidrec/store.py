@@ -13,13 +13,16 @@ folders are kept until `prune`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import platform as _platform
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -192,3 +195,56 @@ class ArtifactStore:
                 self.fs.delete_dir(f"{self.stage_dir(stage)}/{v}")
                 removed.append(v)
         return removed
+
+    # -- typed readers of published stages -----------------------------------------------------------
+    def titles(self) -> dict[str, str]:
+        """item_id -> title of the published catalog."""
+        cat = self.read_table(f"{self.current_path('dataset')}/catalog.parquet", columns=["item_id", "title"])
+        return dict(zip(cat["item_id"].to_pylist(), cat["title"].to_pylist(), strict=True))
+
+    def profiles(self) -> dict[str, str]:
+        """user_id -> free-text profile ({} when the dataset has none)."""
+        if "profiles.parquet" not in self.require("dataset").get("files", []):
+            return {}
+        prof = self.read_table(f"{self.current_path('dataset')}/profiles.parquet")
+        return dict(zip(prof["user_id"].to_pylist(), prof["profile"].to_pylist(), strict=True))
+
+    def sid_table(self, columns: list[str] | None = None) -> pa.Table:
+        """The published SIDs: item_id, codes, sid."""
+        return self.read_table(f"{self.current_path('sids')}/sids.parquet", columns=columns)
+
+    def sid_map(self) -> dict[str, str]:
+        """item_id -> SID string."""
+        t = self.sid_table(["item_id", "sid"])
+        return dict(zip(t["item_id"].to_pylist(), t["sid"].to_pylist(), strict=True))
+
+    def split(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Examples of a split (train / valid / test) of the published dataset."""
+        return self.read_table(f"{self.current_path('dataset')}/{name}.parquet", columns=columns)
+
+    # -- folders as local directories ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def local_dir(self, path: str) -> Iterator[str]:
+        """``path`` as a local folder: itself on a local store, else a temporary copy (removed on exit)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="sidrec-") as tmp:
+            pafs.copy_files(path, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            yield tmp
+
+    def upload_dir(self, local: str, dest: str) -> None:
+        """Copy a local folder to ``dest`` in the store (nothing to do when it already is ``dest``)."""
+        if isinstance(self.fs, pafs.LocalFileSystem) and os.path.abspath(local) == os.path.abspath(dest):
+            return
+        self.fs.create_dir(dest, recursive=True)
+        pafs.copy_files(local, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def fetch_model_dir(self, dest: str | None = None) -> str:
+        """A local folder holding the published ``model`` stage (the store folder itself when local)."""
+        path = self.current_path("model")
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return path
+        dest = dest or tempfile.mkdtemp(prefix="sidrec-model-")
+        pafs.copy_files(path, dest, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return dest

@@ -1,7 +1,14 @@
 """Ray Serve application for sidrec: ``serve run sidrec.serve.app:build_app store_root=...``.
 
-``sidrec.serve.app`` holds the deployments and the FastAPI routes; ``sidrec.serve.items`` turns new catalog
-items into SIDs with the store's text encoder and quantizer. Importing this package does not import Ray.
+* ``sidrec.serve.app``: ``build_app(args)``, the application (Ingress -> Recommender);
+* ``sidrec.serve.deployment``: the Recommender deployment (batching, reload via reconfigure);
+* ``sidrec.serve.http``: the FastAPI app of the Ingress, and its client of the Recommender;
+* ``sidrec.serve.handling``: the request logic on a loaded ``Recommender``;
+* ``sidrec.serve.schemas``: request/response bodies and error replies;
+* ``sidrec.serve.items``: new catalog items -> SIDs with the store's text encoder and quantizer;
+* ``sidrec.serve.demo``: the quickstart's demo (start the app, ask it for a real test user).
+
+Importing this package does not import Ray.
 """
 
 __all__ = ["build_app"]

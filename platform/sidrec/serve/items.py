@@ -5,7 +5,8 @@ itself: the text is rendered with the ``embeddings`` stage's template and embedd
 (``embed.TextEncoder`` with the stage's stored ``EmbedConfig``), the embedding is quantized by the published
 ``quantizer`` stage, and under the ``dedup`` collision policy of the ``sids`` stage a dedup-level code is
 appended that no stored SID uses. The codes are then added to the index's delta part
-(``Recommender.add_items``): the item is recommendable at once, without retraining.
+(``Recommender.add_items``): the item is recommendable at once, without retraining. ``AddedItems`` keeps
+what a replica added, to add it again to the next model it loads.
 
 The model only knows the SID tokens of the catalog it was trained on (one token per (level, code) that
 some item used). When the quantizer's own code for a new item uses a token the model lacks, or every
@@ -15,6 +16,7 @@ dedup-level token under its prefix is taken, the next-nearest codes made of know
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,9 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sidrec.config import EmbedConfig
-from sidrec.data import CATEGORY_SEP
+from sidrec.config import EmbedConfig, section_from_dict
+from sidrec.data.tables import CATEGORY_SEP
+from sidrec.recommender import Recommender
+from sidrec.sids.embed import TextEncoder, render_text
+from sidrec.sids.quantize import RQKMeans, encode_codes, quantizer_from_bytes
 from sidrec.store import ArtifactStore
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -58,26 +65,22 @@ class ItemEncoder:
     """Embeds and quantizes new items exactly as the store's ``embeddings`` / ``quantizer`` stages did."""
 
     def __init__(self, store_root: str, device: str | None = None):
-        from sidrec.quantize import quantizer_from_bytes
-
         store = ArtifactStore(store_root)
         emb = store.require("embeddings")
-        self.embed_cfg = EmbedConfig(**emb["config"])
+        self.embed_cfg = section_from_dict(EmbedConfig, emb["config"])
         qman = store.require("quantizer")
         qdir = store.current_path("quantizer")
         self.quantizer = quantizer_from_bytes({n: store.read_bytes(f"{qdir}/{n}") for n in qman["files"]})
         self.collision = store.require("sids")["config"].get("collision", "dedup")
         self.versions = {s: store.require(s)["version"] for s in ("embeddings", "quantizer", "sids")}
         self.device = device
-        self._text_encoder = None
+        self._text_encoder: TextEncoder | None = None
         self._init_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ text
-    def _encoder(self):
+    def _encoder(self) -> TextEncoder:
         with self._init_lock:
             if self._text_encoder is None:
-                from sidrec.embed import TextEncoder
-
                 threads = torch.get_num_threads()  # TextEncoder sets the process-wide thread count
                 try:
                     self._text_encoder = TextEncoder(self.embed_cfg)
@@ -86,8 +89,6 @@ class ItemEncoder:
             return self._text_encoder
 
     def texts(self, items: Sequence[NewItem]) -> list[str]:
-        from sidrec.embed import render_text
-
         return [render_text(i.row(), self.embed_cfg.template, self.embed_cfg.max_chars) for i in items]
 
     def embed(self, items: Sequence[NewItem]) -> np.ndarray:
@@ -99,8 +100,6 @@ class ItemEncoder:
     # ------------------------------------------------------------------------------------- quantize
     def _latent(self, emb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent [N, d], codebooks [Lq, K, d]) of the stored quantizer."""
-        from sidrec.quantize import RQKMeans
-
         q = self.quantizer
         x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
         with torch.inference_mode():
@@ -111,8 +110,6 @@ class ItemEncoder:
     def candidates(self, emb: np.ndarray, allowed: np.ndarray, beam: int = 8) -> list[list[tuple[int, ...]]]:
         """Per item, code tuples [Lq] nearest first: the quantizer's own codes, then a beam search over the
         residual levels that only uses codes with ``allowed[level, code]`` (ranked by the final residual)."""
-        from sidrec.quantize import encode_codes
-
         exact = encode_codes(self.quantizer, emb)
         z, cbs = self._latent(emb)
         levels = cbs.shape[0]
@@ -134,7 +131,7 @@ class ItemEncoder:
         return out
 
 
-def assign_sids(rec, encoder: ItemEncoder, items: Sequence[NewItem], emb: np.ndarray) -> list[Assigned]:
+def assign_sids(rec: Recommender, encoder: ItemEncoder, items: Sequence[NewItem], emb: np.ndarray) -> list[Assigned]:
     """Choose SID codes for new items that the model can spell and that collide with no stored SID
     (nor with each other) under the ``dedup`` policy; under ``keep`` a shared SID is allowed (that is the
     policy). Raises ValueError naming the items for which no such SID exists."""
@@ -173,3 +170,58 @@ def assign_sids(rec, encoder: ItemEncoder, items: Sequence[NewItem], emb: np.nda
     if failed:
         raise ValueError(f"no free SID made of tokens the model knows for items {failed[:10]}")
     return out
+
+
+@dataclass
+class Added:
+    """A cold-start item added on this replica, with the embedding its SID was chosen from."""
+
+    item: NewItem
+    embedding: np.ndarray
+    embed_version: str                    # the ``embeddings`` stage version the embedding came from
+
+
+class AddedItems:
+    """The cold-start items one replica added, to add them again to every model it loads next."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Added] = {}
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def record(self, items: Sequence[NewItem], embeddings: np.ndarray, embed_version: str) -> None:
+        for item, emb in zip(items, embeddings, strict=True):
+            self._by_id[item.item_id] = Added(item, emb, embed_version)
+
+    def entries(self) -> list[Added]:
+        return list(self._by_id.values())
+
+    def missing_from(self, rec: Recommender) -> list[Added]:
+        """Items added since ``rec`` was loaded (it does not know them yet)."""
+        return [a for i, a in self._by_id.items() if i not in rec.sid_of]
+
+    def reapply(self, rec: Recommender, encoder: ItemEncoder, entries: Sequence[Added] | None = None) -> None:
+        """Add earlier cold-start items (default: all) to a freshly loaded model; items that are now in the
+        published catalog, or cannot get a SID any more, leave the added set (logged)."""
+        todo = []
+        for a in self.entries() if entries is None else entries:
+            if a.item.item_id in rec.sid_of:
+                self._by_id.pop(a.item.item_id, None)
+                log.info("sidrec: added item %s is now in the published catalog", a.item.item_id)
+            else:
+                todo.append(a)
+        version = encoder.versions["embeddings"]
+        for a in todo:
+            if a.embed_version != version:
+                a.embedding = encoder.embed([a.item])[0]
+                a.embed_version = version
+            try:
+                [got] = assign_sids(rec, encoder, [a.item], a.embedding[None])
+                rec.add_items([a.item.item_id], np.asarray([got.codes]), [a.item.title.strip()])
+            except ValueError as e:
+                self._by_id.pop(a.item.item_id, None)
+                log.warning("sidrec: dropped added item %s after reload: %s", a.item.item_id, e)

@@ -1,0 +1,1 @@
+"""Input data: loaders per source format (`sources`), canonical tables and splits (`tables`), dispatch (`load`)."""

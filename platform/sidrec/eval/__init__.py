@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, baselines (most-popular, SASRec), the evaluator and its report."""

@@ -1,0 +1,57 @@
+"""The evaluation report: the Markdown table of HR/NDCG@K per model, and a bar chart."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from sidrec.config import METRIC_KS as KS
+
+
+def format_table(report: dict) -> str:
+    """The Markdown table of a report: one row per model, HR/NDCG at 1, 5, 10."""
+    cols = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg")]
+    lines = ["| model | " + " | ".join(c.upper().replace("@", "@") for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, metrics in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    head = (f"# {report['name']}: {report['split']} ({report['examples']} examples, full ranking over "
+            f"{report['catalog_items']} items)\n\nTrained on: {report['training_data']}. SID-LLM decoding: beam "
+            f"{report['decode']['num_beams']}, {report['decode']['scoring']} scores, exclude_history="
+            f"{report['decode']['exclude_history']}.\n\n")
+    tail = ""
+    if report.get("unconstrained_invalid_share") is not None:
+        tail = (f"\n\nUnconstrained beam search (no trie), {report['unconstrained_examples']} examples: "
+                f"{report['unconstrained_invalid_share']:.1%} of the top-10 outputs are not real items.\n")
+    return head + format_table(report) + tail + "\n"
+
+
+def chart_png(report: dict) -> bytes:
+    """Grouped bar chart: one group per metric, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [f"{m}@{k}" for m in ("hr", "ndcg") for k in KS]
+    models = list(report["models"])
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(metrics))
+    for i, name in enumerate(models):
+        ax.bar(x + i * width - 0.4 + width / 2, [report["models"][name][m] for m in metrics], width, label=name)
+    ax.set_xticks(x, [m.upper() for m in metrics])
+    ax.set_title(f"{report['name']} — {report['split']} ({report['examples']} examples)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+

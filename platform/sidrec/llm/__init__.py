@@ -1,0 +1,1 @@
+"""The SID-extended causal LM: base model + tokenizer, instruction rows, SFT encoding, the Ray Train worker."""

@@ -1,0 +1,254 @@
+"""The ``Recommender`` deployment: one replica holds one ``sidrec.recommender.Recommender`` (model, index,
+catalog) loaded from the artifact store named by its ``user_config`` (``sidrec.config.ServeSettings``).
+
+Requests are gathered by ``@serve.batch`` and decoded together (``sidrec.serve.handling.run_recommend`` /
+``run_search``: one beam search per batch). Reload: a new ``user_config`` calls ``reconfigure``; when the
+store root, decoding settings or the published stage versions changed (or ``reload_token`` did), the new
+model is loaded in a thread while the old one keeps answering, then swapped under the model lock, between
+two batches. A failed reload keeps the old model serving and ``health()`` reports the error (a failed first
+load fails the deployment instead). Cold-start items added on this replica survive its reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import ray
+import torch
+from ray import serve
+from ray.serve import metrics
+
+from sidrec.config import ServeSettings, section_from_dict
+from sidrec.recommender import Recommender
+from sidrec.serve.handling import (
+    Reply,
+    add_new_items,
+    check_api_key,
+    item_info,
+    new_items_problem,
+    run_recommend,
+    run_search,
+)
+from sidrec.serve.items import AddedItems, ItemEncoder, NewItem
+from sidrec.serve.schemas import error, is_error
+from sidrec.store import MANIFEST, ArtifactStore, resolve_fs
+
+log = logging.getLogger("ray.serve")
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SERVED_STAGES = ("dataset", "sids", "instructions", "model")  # what a Recommender reads
+Task = Literal["recommend", "search"]
+
+
+def not_ready() -> Reply:
+    return error(503, "not_ready", "no model loaded yet")
+
+
+# ============================================================================================ loading
+def store_versions(root: str) -> dict[str, str]:
+    """Published versions of the stages a Recommender reads; raises naming the store when it lacks them
+    (without creating anything at ``root``)."""
+    fs, base = resolve_fs(root)
+    if fs.get_file_info(f"{base}/model/{MANIFEST}").type != pafs.FileType.File:
+        raise FileNotFoundError(f"no trained model in artifact store {root!r} (no model/{MANIFEST}); build "
+                                "one with `sidrec train --config ...`")
+    store = ArtifactStore(root)
+    return {s: store.require(s)["version"] for s in SERVED_STAGES}
+
+
+def replica_tag() -> str:
+    """This replica's id ("local" outside a replica)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit use)
+        return "local"
+
+
+def torch_threads(settings: ServeSettings) -> int:
+    """``torch_threads``, else the replica's CPUs rounded up."""
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1
+    return max(1, math.ceil(cpus))
+
+
+def encoder_is_current(encoder: ItemEncoder, store_root: str) -> bool:
+    """True when the store's embeddings/quantizer/sids stages are still those the encoder was built from."""
+    store = ArtifactStore(store_root)
+    return all(encoder.versions[s] == store.require(s)["version"] for s in encoder.versions)
+
+
+# ========================================================================================= deployment
+@serve.deployment(name="Recommender", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1},
+                  health_check_period_s=10, health_check_timeout_s=30)
+class RecommenderDeployment:
+    """One replica = one Recommender, swapped atomically on reconfigure."""
+
+    def __init__(self) -> None:
+        self._rec: Recommender | None = None
+        self._settings: ServeSettings | None = None
+        self._versions: dict[str, str] = {}
+        self._encoder: ItemEncoder | None = None
+        self._added = AddedItems()
+        self._lock: asyncio.Lock | None = None
+        self._loads = 0
+        self._loaded_at: float | None = None
+        self._reload_error: str | None = None
+        self._batches: dict[Task, list[int]] = {"recommend": [0, 0], "search": [0, 0]}  # [batches, requests]
+        self._replica = replica_tag()
+        self._batch_size = metrics.Histogram(
+            "sidrec_batch_size", description="requests decoded together by one @serve.batch call",
+            boundaries=BATCH_SIZE_BUCKETS, tag_keys=("task",))
+        self._infer_s = metrics.Histogram(
+            "sidrec_inference_seconds", description="model time of one batch (beam search)",
+            boundaries=LATENCY_BUCKETS_S, tag_keys=("task",))
+
+    def _model_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @property
+    def recommender(self) -> Recommender | None:
+        """The model being served (None before the first load)."""
+        return self._rec
+
+    # ------------------------------------------------------------------------------------ loading
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply a new ``user_config``: batching and auth at once, a reload when the model changed."""
+        settings: ServeSettings = section_from_dict(ServeSettings, config)
+        for fn in (self.recommend_batch, self.search_batch):
+            fn.set_max_batch_size(settings.max_batch_size)
+            fn.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._warn_if_open(settings)
+        try:
+            versions = await asyncio.to_thread(store_versions, settings.store_root)
+            if (self._rec is not None and self._settings is not None
+                    and self._settings.load_key() == settings.load_key() and versions == self._versions):
+                self._settings = settings  # batching / auth only: nothing to reload
+                return
+            rec, encoder = await asyncio.to_thread(self._load, settings, versions)
+        except Exception as e:
+            if self._rec is None:
+                raise  # first load: fail the replica (and the deploy) with the reason
+            self._reload_error = f"{type(e).__name__}: {e}"
+            log.exception("sidrec: reload of %s failed; still serving %s", settings.store_root,
+                          self._rec.model_version)
+            return
+        async with self._model_lock():
+            late = self._added.missing_from(rec)  # added while loading
+            if late:
+                await asyncio.to_thread(self._added.reapply, rec, encoder, late)
+            self._rec, self._encoder, self._settings, self._versions = rec, encoder, settings, versions
+            self._loads += 1
+            self._loaded_at = time.time()
+            self._reload_error = None
+        log.info("sidrec: serving model %s from %s (load #%d)", rec.model_version, settings.store_root,
+                 self._loads)
+
+    def _warn_if_open(self, settings: ServeSettings) -> None:
+        prev = self._settings
+        if settings.api_key is None and settings.api_key_env is None and (
+                prev is None or prev.api_key is not None or prev.api_key_env is not None):
+            log.warning("sidrec: no api_key configured: POST /v1/items is open to every client that can "
+                        "reach the service")
+
+    def _load(self, settings: ServeSettings, versions: dict[str, str]) -> tuple[Recommender, ItemEncoder]:
+        """Runs in a thread while the current model keeps serving."""
+        torch.set_num_threads(torch_threads(settings))
+        t0 = time.perf_counter()
+        rec = Recommender.from_store(settings.store_root, num_beams=settings.num_beams, scoring=settings.scoring,
+                                     device=settings.device)
+        encoder = self._encoder
+        if (encoder is None or self._settings is None or self._settings.store_root != settings.store_root
+                or not encoder_is_current(encoder, settings.store_root)):
+            encoder = ItemEncoder(settings.store_root)
+        self._added.reapply(rec, encoder)
+        log.info("sidrec: loaded %s (%s) in %.1fs", settings.store_root, versions, time.perf_counter() - t0)
+        return rec, encoder
+
+    def check_health(self) -> None:
+        if self._rec is None:
+            raise RuntimeError("no model loaded: give the Recommender deployment a user_config with store_root")
+
+    # ------------------------------------------------------------------------------------ batched
+    async def run_batch(self, task: Task, requests: Sequence[dict[str, Any]]) -> list[Reply]:
+        """Decode a batch of ``task`` requests on the current model (what each @serve.batch call runs)."""
+        fn: Callable[[Recommender, Sequence[dict[str, Any]]], list[Reply]] = (
+            run_recommend if task == "recommend" else run_search)
+        async with self._model_lock():
+            rec = self._rec
+            if rec is None:
+                return [not_ready() for _ in requests]
+            t0 = time.perf_counter()
+            out = await asyncio.to_thread(fn, rec, requests)
+        self._batches[task][0] += 1
+        self._batches[task][1] += len(requests)
+        self._batch_size.observe(len(requests), tags={"task": task})
+        self._infer_s.observe(time.perf_counter() - t0, tags={"task": task})
+        return out
+
+    async def recommend(self, request: dict[str, Any]) -> Reply:
+        """One /v1/recommend body (history as strings) -> response or error reply."""
+        return await self.recommend_batch(request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def recommend_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
+        return await self.run_batch("recommend", requests)
+
+    async def search(self, request: dict[str, Any]) -> Reply:
+        """One /v1/items/search body -> response or error reply."""
+        return await self.search_batch(request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def search_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
+        return await self.run_batch("search", requests)
+
+    # --------------------------------------------------------------------------------- catalog
+    async def item(self, item_id: str) -> Reply:
+        """GET /v1/items/{item_id}."""
+        rec = self._rec
+        if rec is None:
+            return not_ready()
+        return item_info(rec, item_id, self._added)
+
+    async def add_items(self, items: list[dict[str, Any]], api_key: str | None = None) -> Reply:
+        """Admin: embed, quantize and index new items on this replica (see sidrec.serve.items)."""
+        if (denied := check_api_key(self._settings, api_key)) is not None:
+            return denied
+        if self._rec is None or self._settings is None:
+            return not_ready()
+        new = [NewItem(**d) for d in items]
+        if (bad := new_items_problem(self._rec, new)) is not None:
+            return bad
+        encoder = self._encoder
+        if encoder is None:  # only when the first load predates the encoder (never in practice)
+            encoder = self._encoder = await asyncio.to_thread(ItemEncoder, self._settings.store_root)
+        emb = await asyncio.to_thread(encoder.embed, new)
+        async with self._model_lock():
+            rec, current = self._rec, self._encoder
+            if current is not None and current is not encoder:  # a reload swapped the store meanwhile
+                encoder, emb = current, await asyncio.to_thread(current.embed, new)
+            out = await asyncio.to_thread(add_new_items, rec, encoder, new, emb, self._added)
+        return out if is_error(out) else {**out, "replica": self._replica}
+
+    def health(self) -> dict[str, Any]:
+        """Model version and state of this replica (GET /healthz)."""
+        rec, s = self._rec, self._settings
+        return {"status": "ok" if rec is not None else "loading",
+                "model_version": rec.model_version if rec else None,
+                "items": len(rec.sid_of) if rec else 0, "added_items": len(self._added),
+                "num_beams": rec.decoder.num_beams if rec else None, "scoring": s.scoring if s else None,
+                "max_history": rec.icfg.max_history if rec else None,
+                "max_batch_size": s.max_batch_size if s else None,
+                "batch_wait_timeout_s": s.batch_wait_timeout_s if s else None,
+                "mean_batch_size": {t: round(r / b, 2) if b else None for t, (b, r) in self._batches.items()},
+                "loads": self._loads, "loaded_at": self._loaded_at, "reload_error": self._reload_error,
+                "replica": self._replica}

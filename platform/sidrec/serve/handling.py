@@ -1,0 +1,221 @@
+"""Request logic of a Recommender replica, on a loaded ``Recommender``: request dicts (validated HTTP
+bodies) in, response bodies or error replies (``schemas.error``) out. No Ray here: the deployment calls
+these, one batch at a time, in a thread.
+
+* ``run_recommend`` / ``run_search``: a batch of /v1/recommend or /v1/items/search bodies, each validated
+  on its own (a bad request gets its 4xx, the others their answers), decoded together.
+* ``item_info``: GET /v1/items/{item_id}.
+* ``check_api_key``: the admin endpoints' X-API-Key check against ``ServeSettings``.
+* ``new_items_problem`` / ``add_new_items``: POST /v1/items, checks and the SID assignment.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from sidrec.config import ServeSettings
+from sidrec.decode.beam import Hit
+from sidrec.llm.instructions import TEMPLATES, next_item_prompt
+from sidrec.llm.sft import PROMPT_SEPARATOR, encode_prompt
+from sidrec.recommender import Recommender
+from sidrec.serve.items import AddedItems, ItemEncoder, NewItem, assign_sids
+from sidrec.serve.schemas import error
+
+log = logging.getLogger("ray.serve")
+
+Reply = dict[str, Any]  # a response body, or an error reply (schemas.error)
+
+
+# ============================================================================================ helpers
+def check_k(rec: Recommender, k: int) -> Reply | None:
+    """422 unless 1 <= k <= num_beams."""
+    nb = rec.decoder.num_beams
+    if not 1 <= k <= nb:
+        return error(422, "k_out_of_range", f"k must be between 1 and {nb} (num_beams), got {k}", k=k, max_k=nb)
+    return None
+
+
+def flatten(rec: Recommender, hits: Sequence[Hit], k: int) -> list[dict[str, Any]]:
+    """The first ``k`` items of the hits (a SID may hold several items), with titles."""
+    out = [{"item_id": i, "title": rec.titles.get(i, ""), "sid": h.sid, "score": float(h.score)}
+           for h in hits for i in h.items]
+    return out[:k]
+
+
+def prompt_truncated(rec: Recommender, history: Sequence[str], profile: str) -> bool:
+    """True when the token budget cuts the prompt (on top of the max_history cap)."""
+    prompt = next_item_prompt("", list(history), rec.sid_of, profile, rec.icfg)
+    n = len(rec.tokenizer.encode(prompt + PROMPT_SEPARATOR, add_special_tokens=False))
+    return n + (rec.tokenizer.bos_token_id is not None) > rec.max_prompt_tokens
+
+
+def _profile(request: Mapping[str, Any]) -> str:
+    return (request.get("profile") or "").strip()
+
+
+# ========================================================================================= recommend
+def recommend_problem(rec: Recommender, request: Mapping[str, Any]) -> Reply | None:
+    """The 422 of one /v1/recommend body, or None when it can be decoded."""
+    hist = request["history"]
+    if (bad := check_k(rec, request["k"])) is not None:
+        return bad
+    unknown = list(dict.fromkeys(i for i in hist if i not in rec.sid_of))
+    if unknown:
+        more = f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""
+        return error(422, "unknown_items", f"unknown item ids in history: {unknown[:20]}{more}",
+                     unknown_items=unknown[:100])
+    if not hist and not _profile(request):
+        return error(422, "empty_history", "history is empty and no profile was given: a cold-start "
+                     "request needs a profile")
+    if not hist and not rec.icfg.use_profile:
+        return error(422, "empty_history", "history is empty and this model was trained without "
+                     "profiles: it needs at least one item")
+    return None
+
+
+def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
+    """A batch of /v1/recommend bodies -> replies, via one ``Recommender.recommend`` call per
+    ``exclude_history`` value present."""
+    out: list[Reply | None] = [None] * len(requests)
+    groups: dict[bool, list[int]] = {}
+    for n, r in enumerate(requests):
+        if (bad := recommend_problem(rec, r)) is not None:
+            out[n] = bad
+        else:
+            groups.setdefault(bool(r["exclude_history"]), []).append(n)
+    maxh = rec.icfg.max_history
+    for flag, idx in groups.items():
+        for n, h in _decode_isolated(rec, requests, idx, flag):
+            if isinstance(h, dict):
+                out[n] = h
+                continue
+            r = requests[n]
+            hist = r["history"]
+            cut = prompt_truncated(rec, hist, _profile(r))
+            out[n] = {"items": flatten(rec, h, r["k"]), "k": r["k"], "model_version": rec.model_version,
+                      "history_items": len(hist), "history_used": min(len(hist), maxh),
+                      "history_truncated": len(hist) > maxh or cut, "prompt_truncated": cut,
+                      "max_history": maxh, "cold_start": not hist, "exclude_history": flag}
+    return out  # type: ignore[return-value]
+
+
+def _decode_isolated(rec: Recommender, requests: Sequence[Mapping[str, Any]], idx: list[int],
+                     exclude: bool) -> list[tuple[int, list[Hit] | Reply]]:
+    """(request index, hits) for a group decoded together; if the batch call fails, each request is
+    decoded alone so that one failing request gets its own 500 and the others their answers."""
+
+    def decode(rows: list[int]) -> list[list[Hit]]:
+        return rec.recommend([requests[n]["history"] for n in rows], k=max(requests[n]["k"] for n in rows),
+                             exclude_history=exclude, profiles=[_profile(requests[n]) for n in rows])
+
+    failed = error(500, "internal_error", "decoding failed; see the replica log")
+    try:
+        return list(zip(idx, decode(idx), strict=True))
+    except Exception:
+        if len(idx) == 1:
+            log.exception("sidrec: decoding failed")
+            return [(idx[0], failed)]
+    out: list[tuple[int, list[Hit] | Reply]] = []
+    for n in idx:
+        try:
+            out.append((n, decode([n])[0]))
+        except Exception:
+            log.exception("sidrec: decoding failed")
+            out.append((n, failed))
+    return out
+
+
+# ============================================================================================ search
+def title_prompt(rec: Recommender, title: str) -> str:
+    """The training's first title->SID template, filled as the instruction builder fills it."""
+    return TEMPLATES[rec.icfg.language]["title_to_sid"][0].format(title=title.strip())
+
+
+def run_search(rec: Recommender, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
+    """A batch of /v1/items/search bodies -> replies: one constrained beam search for all of them."""
+    out: list[Reply | None] = [None] * len(requests)
+    ok = []
+    for n, r in enumerate(requests):
+        if (bad := check_k(rec, r["k"])) is not None:
+            out[n] = bad
+        else:
+            ok.append(n)
+    if ok:
+        prompts = [encode_prompt(title_prompt(rec, requests[n]["title"]), rec.tokenizer, rec.max_prompt_tokens)
+                   for n in ok]
+        hits = rec.decoder.search(prompts, k=max(requests[n]["k"] for n in ok))
+        trained = rec.icfg.task_weights.get("title_to_sid", 0.0) > 0
+        for n, h in zip(ok, hits, strict=True):
+            out[n] = {"query": requests[n]["title"].strip(), "items": flatten(rec, h, requests[n]["k"]),
+                      "k": requests[n]["k"], "model_version": rec.model_version, "title_to_sid_trained": trained}
+    return out  # type: ignore[return-value]
+
+
+# =========================================================================================== catalog
+def item_info(rec: Recommender, item_id: str, added: AddedItems) -> Reply:
+    """Title and SID of a catalog or added item; 404 if unknown."""
+    sid = rec.sid_of.get(item_id)
+    if sid is None:
+        return error(404, "unknown_item", f"unknown item id {item_id!r}", item_id=item_id)
+    return {"item_id": item_id, "title": rec.titles.get(item_id, ""), "sid": sid,
+            "source": "added" if item_id in added else "catalog", "model_version": rec.model_version}
+
+
+def check_api_key(settings: ServeSettings | None, given: str | None,
+                  environ: Mapping[str, str] = os.environ) -> Reply | None:
+    """None when the admin call may proceed, else its 401/403. ``api_key_env`` names an environment
+    variable holding the key; when it is set but the variable is missing, the admin endpoints are off."""
+    expected = settings.api_key if settings is not None else None
+    if settings is not None and settings.api_key_env:
+        expected = environ.get(settings.api_key_env) or None
+        if expected is None:
+            return error(403, "admin_disabled", f"admin endpoints are disabled: the environment variable "
+                         f"{settings.api_key_env} is not set on the replica")
+    if expected is None:
+        return None
+    if not given:
+        return error(401, "missing_api_key", "this endpoint needs an X-API-Key header")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return error(403, "invalid_api_key", "the X-API-Key header does not match")
+    return None
+
+
+def _exist_error(rec: Recommender, ids: Sequence[str]) -> Reply | None:
+    exists = [i for i in ids if i in rec.sid_of]
+    if exists:
+        return error(409, "items_exist", f"item ids already in the catalog: {exists[:20]}", items=exists[:100])
+    return None
+
+
+def new_items_problem(rec: Recommender, items: Sequence[NewItem]) -> Reply | None:
+    """422 for ids given twice, 409 for ids the catalog has; None when the items may be added."""
+    ids = [n.item_id for n in items]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        return error(422, "duplicate_items", f"item ids given more than once: {dup[:20]}", items=dup[:100])
+    return _exist_error(rec, ids)
+
+
+def add_new_items(rec: Recommender, encoder: ItemEncoder, items: Sequence[NewItem], embeddings: np.ndarray,
+                  added: AddedItems) -> Reply:
+    """Choose free SIDs for embedded new items, add them to ``rec`` and to ``added``. The reply lacks the
+    ``replica`` field (the deployment adds it). Call under the replica's model lock."""
+    ids = [n.item_id for n in items]
+    if (bad := _exist_error(rec, ids)) is not None:  # added by another request meanwhile
+        return bad
+    try:
+        assigned = assign_sids(rec, encoder, items, embeddings)
+    except ValueError as e:
+        return error(422, "no_free_sid", str(e))
+    codes = np.asarray([a.codes for a in assigned], dtype=np.int64)
+    sids = rec.add_items(ids, codes, [n.title.strip() for n in items])
+    added.record(items, embeddings, encoder.versions["embeddings"])
+    return {"items": [{"item_id": a.item_id, "title": n.title.strip(), "sid": s, "exact_codes": a.exact}
+                      for a, n, s in zip(assigned, items, sids, strict=True)],
+            "model_version": rec.model_version, "scope": "replica"}

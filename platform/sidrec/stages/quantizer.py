@@ -1,0 +1,50 @@
+"""Stage ``quantizer``: an RQ-VAE / RQ-KMeans fitted on the embeddings in a Ray task, saved as safetensors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+from sidrec import console
+from sidrec.config import QuantizerConfig, SidrecConfig
+from sidrec.sids.embed import read_embeddings
+from sidrec.sids.quantize import fit_quantizer, quantizer_to_bytes, reconstruction_error
+from sidrec.stages.run import init_ray, run_stage
+from sidrec.store import ArtifactStore, StageRun
+
+log = logging.getLogger("sidrec")
+
+
+def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, sink: console.ProgressSink) -> dict:
+    """Ray task body: read embeddings from the store, fit, write safetensors + JSON back to the store."""
+    store = ArtifactStore(store_root)
+    _, emb = read_embeddings(store)
+    t0 = time.perf_counter()
+
+    def progress(step: int, info: dict) -> None:
+        log.debug("quantizer step %d %s", step, info)
+        sink.advance(1)
+
+    q = fit_quantizer(emb, qcfg, progress=progress)
+    fit_s = time.perf_counter() - t0
+    for name, blob in quantizer_to_bytes(q).items():
+        store.write_bytes(f"{out_path}/{name}", blob)
+    return {"items": len(emb), "fit_seconds": round(fit_s, 3),
+            "reconstruction_mse": float(reconstruction_error(q, emb))}
+
+
+def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
+    """Fit the configured quantizer on the published embeddings (one Ray task)."""
+    import ray
+
+    emb = store.require("embeddings")
+
+    def body(run: StageRun) -> dict:
+        init_ray(cfg.ray)
+        task = ray.remote(num_cpus=1)(_train_quantizer)
+        steps = cfg.quantize.epochs if cfg.quantize.method == "rqvae" else cfg.quantize.levels
+        with console.progress("quantizer fit", total=steps, unit="epoch") as sink:
+            return ray.get(task.remote(store.root, run.path, cfg.quantize, sink))
+
+    return run_stage(store, "quantizer", asdict(cfg.quantize), {"embeddings": emb["fingerprint"]}, force, body)

@@ -1,0 +1,78 @@
+"""Stage ``sids``: codes assigned by Ray Data actors with the trained quantizer, collisions handled, reported."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from sidrec.config import SidrecConfig
+from sidrec.sids.codes import assign_collisions
+from sidrec.sids.embed import embeddings_to_numpy
+from sidrec.sids.quantize import encode_codes, quantizer_from_bytes
+from sidrec.sids.report import sid_report, write_report
+from sidrec.sids.tokens import render_sid
+from sidrec.stages.run import init_ray, run_stage
+from sidrec.store import ArtifactStore, StageRun
+
+
+class CodeAssigner:
+    """Ray Data actor: embeddings → codes with the trained quantizer (shared via the object store)."""
+
+    def __init__(self, quantizer_files):
+        import ray
+        import torch
+
+        torch.set_num_threads(1)
+        if isinstance(quantizer_files, ray.ObjectRef):
+            quantizer_files = ray.get(quantizer_files)
+        self.q = quantizer_from_bytes(quantizer_files)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        codes = encode_codes(self.q, embeddings_to_numpy(batch))
+        return pa.table({"item_id": batch.column("item_id"),
+                         "codes": pa.array(list(codes), type=pa.list_(pa.int64()))})
+
+
+def assign_codes(store: ArtifactStore, cfg: SidrecConfig) -> pa.Table:
+    """Run CodeAssigner actors over the embeddings; return item_id + codes (small ints, fine on the driver)."""
+    import ray
+    import ray.data
+
+    qdir = store.current_path("quantizer")
+    files = {name: store.read_bytes(f"{qdir}/{name}") for name in store.require("quantizer")["files"]}
+    ref = ray.put(files)
+    ds = ray.data.read_parquet(f"{store.current_path('embeddings')}/embeddings", filesystem=store.fs)
+    ds = ds.map_batches(
+        CodeAssigner,
+        fn_constructor_kwargs={"quantizer_files": ref},
+        batch_size=cfg.sids.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.sids.num_actors),
+        num_cpus=0.5,
+    )
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
+def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
+    quantizer, emb = store.require("quantizer"), store.require("embeddings")
+
+    def body(run: StageRun) -> dict:
+        init_ray(cfg.ray)
+        table = assign_codes(store, cfg)
+        item_ids = table.column("item_id").to_pylist()
+        raw = np.asarray(table.column("codes").to_pylist(), dtype=np.int64)
+        codes = assign_collisions(raw, cfg.sids.collision, max_extra=cfg.quantize.codebook_size)
+        sids = pa.table({
+            "item_id": pa.array(item_ids, pa.string()),
+            "codes": pa.array(list(codes), type=pa.list_(pa.int64())),
+            "sid": pa.array([render_sid(c) for c in codes], pa.string()),
+        })
+        store.write_table(f"{run.path}/sids.parquet", sids)
+        report = sid_report(store, cfg, item_ids, raw, codes, quantizer["metrics"])
+        write_report(store, run.path, report, raw)
+        return report["summary"]
+
+    inputs = {"quantizer": quantizer["fingerprint"], "embeddings": emb["fingerprint"]}
+    return run_stage(store, "sids", asdict(cfg.sids), inputs, force, body)

@@ -1,0 +1,82 @@
+"""Evaluator: metric formulas on hand-computed cases, and the real eval stage on a small trained store."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sidrec.config import ConfigError, EvalConfig
+from sidrec.eval.metrics import hr_ndcg, target_ranks
+from sidrec.eval.report import format_table
+from sidrec.stages import eval as evaluation
+from sidrec.store import ArtifactStore
+
+
+def test_target_ranks():
+    recs = [["a", "b", "c"], ["c", "a"], ["x"]]
+    assert target_ranks(recs, ["b", "c", "y"]).tolist() == [1, 0, -1]
+    with pytest.raises(ValueError, match="2 recommendation lists for 3 targets"):
+        target_ranks(recs[:2], ["a", "b", "c"])
+
+
+def test_hr_ndcg_hand_computed():
+    ranks = np.array([0, 3, 7, -1, 12])  # 5 users: hit at 1st, 4th, 8th place, a miss, 13th place
+    m = hr_ndcg(ranks)
+    assert m["hr@1"] == pytest.approx(1 / 5)
+    assert m["hr@5"] == pytest.approx(2 / 5)
+    assert m["hr@10"] == pytest.approx(3 / 5)
+    assert m["ndcg@1"] == pytest.approx(1 / 5)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 5)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 5)
+    with pytest.raises(ValueError, match="no examples"):
+        hr_ndcg(np.array([]))
+
+
+def test_eval_config_validation_names_the_option():
+    with pytest.raises(ConfigError, match="eval.num_beams must be >= 10, got 5"):
+        EvalConfig(num_beams=5)
+    with pytest.raises(ConfigError, match="unknown baseline.*'bpr'"):
+        EvalConfig(baselines=["bpr"])
+
+
+@pytest.mark.slow
+def test_recommender_bad_inputs(trained_store):
+    from sidrec.recommender import Recommender, UnknownItemsError
+
+    cfg, root = trained_store
+    rec = Recommender.from_store(root, num_beams=12)
+    with pytest.raises(UnknownItemsError, match="unknown item ids: \\['nope', 'zzz'\\]"):
+        rec.recommend([["1", "nope"], ["zzz"]], k=5)
+    with pytest.raises(ValueError, match="empty history and no profile"):
+        rec.recommend([[]], k=5)
+    with pytest.raises(ValueError, match="k must be in \\[1, num_beams=12\\]"):
+        rec.recommend([["1"]], k=13)
+    cold = rec.recommend([[]], k=5, profiles=["a 30-year-old female engineer"])[0]
+    assert len([i for h in cold for i in h.items]) == 5
+    recs = rec.top_items([["1", "2", "3"]], k=10, exclude_history=True)[0]
+    assert len(recs) == 10 and not {"1", "2", "3"} & set(recs) and set(recs) <= set(rec.titles)
+
+
+@pytest.mark.slow
+def test_eval_stage_end_to_end(trained_store):
+    cfg, root = trained_store
+    store = ArtifactStore(root)
+    manifest = evaluation.build(store, cfg)
+    path = store.current_path("eval_test")
+    report = store.read_json(f"{path}/report.json")
+    assert report["examples"] == 48 and report["training_data"] == "train only"
+    assert set(report["models"]) == {"sid-llm", "most-popular", "sasrec"}
+    for metrics in report["models"].values():
+        assert 0 <= metrics["hr@1"] <= metrics["hr@5"] <= metrics["hr@10"] <= 1
+        assert metrics["ndcg@1"] <= metrics["ndcg@5"] <= metrics["ndcg@10"] <= metrics["hr@10"]
+    # the stored predictions reproduce the reported metrics
+    preds = store.read_table(f"{path}/predictions.parquet").to_pylist()
+    ranks = target_ranks([p["sid-llm"] for p in preds], [p["target"] for p in preds])
+    assert hr_ndcg(ranks) == pytest.approx(report["models"]["sid-llm"])
+    assert all(len(p["sid-llm"]) == 10 for p in preds)
+    assert 0 <= report["unconstrained_invalid_share"] <= 1
+    md = store.read_bytes(f"{path}/report.md").decode()
+    assert format_table(report) in md and "| sasrec |" in md
+    assert store.read_bytes(f"{path}/chart.png")[:4] == b"\x89PNG"
+    # unchanged inputs: the stage is skipped
+    assert evaluation.build(store, cfg)["version"] == manifest["version"]

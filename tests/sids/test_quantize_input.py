@@ -1,0 +1,39 @@
+import warnings
+
+import numpy as np
+import pyarrow as pa
+
+from sidrec.config import QuantizerConfig
+from sidrec.sids.embed import embeddings_to_numpy
+from sidrec.sids.quantize import encode_codes, fit_quantizer
+
+
+def test_read_only_arrow_embeddings_give_no_warning():
+    vectors = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    emb = embeddings_to_numpy(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(flat, 8)}))
+    assert not emb.flags.writeable  # zero-copy from Arrow, as the quantizer stage reads it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = fit_quantizer(emb, QuantizerConfig(method="rqkmeans", levels=2, codebook_size=4, kmeans_iters=3))
+        codes = encode_codes(q, emb)
+    assert codes.shape == (64, 2)
+
+
+def test_read_embeddings_is_in_item_order_whatever_the_file_order(tmp_path):
+    import pyarrow.parquet as pq
+
+    from sidrec.sids.embed import read_embeddings
+    from sidrec.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+    run = store.begin("embeddings")
+    folder = tmp_path / "embeddings" / run.version / "embeddings"
+    folder.mkdir()
+    for name, ids in (("a.parquet", ["c", "d"]), ("b.parquet", ["a", "b"])):  # blocks finished out of order
+        vecs = np.array([[ord(i), 0.0] for i in ids], np.float32)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 2)
+        pq.write_table(pa.table({"item_id": ids, "embedding": emb}), folder / name)
+    store.publish(run, fp="x", config={}, inputs={})
+    ids, emb = read_embeddings(store)
+    assert ids == ["a", "b", "c", "d"] and emb[:, 0].tolist() == [97.0, 98.0, 99.0, 100.0]
