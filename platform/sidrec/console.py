@@ -38,6 +38,8 @@ def setup(verbose: bool = False) -> None:
         import os
 
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # Hugging Face's loading bars
+        # DeepSpeed resets its logger's level when imported (by transformers), but keeps its filters
+        logging.getLogger("DeepSpeed").addFilter(_AtLeast(logging.ERROR))
 
 
 def verbose() -> bool:
@@ -50,17 +52,29 @@ def ray_init_options() -> dict[str, Any]:
 
 
 def quiet_ray() -> None:
-    """After ``import ray`` (which configures its loggers): keep Ray's INFO lines, Ray Data's bars and
-    execution banners in Ray's log files, unless verbose. Called by `sidrec.stages.run.init_ray`."""
-    if verbose() or not _state["progress"]:
+    """Ray's console handlers show errors only (Ray Data's file log keeps everything), Ray Data's bars and
+    execution banners are off, unless verbose. Idempotent: called around ``ray.init`` and before each stage,
+    since Ray Train and Serve add handlers of their own when first used."""
+    if verbose() or not _state["progress"] or "ray" not in sys.modules:
         return
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    from ray.data import DataContext
+    from ray.data import DataContext  # importing Ray Data configures its loggers; quiet them after
 
+    for name in QUIET_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
 
 
 class _Counter:

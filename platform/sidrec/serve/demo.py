@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from sidrec import console
 from sidrec.config import SidrecConfig
 from sidrec.store import ArtifactStore
 
@@ -67,6 +68,7 @@ def _ask(cfg: SidrecConfig, port: int, echo: Echo) -> dict[str, Any]:
 
     titles = ArtifactStore(cfg.store.root).titles()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    console.quiet_ray()  # Serve's driver logger exists from here on
     serve.run(build_app({"store_root": cfg.store.root, "num_cpus": DEMO_CPUS}), name="sidrec", route_prefix="/",
               blocking=False)
     user = demo_user(cfg)

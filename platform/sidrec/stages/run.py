@@ -27,6 +27,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=cfg.address or None, **console.ray_init_options())
     else:
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, **console.ray_init_options())
+    console.quiet_ray()
 
 
 def stage_fingerprint(config: dict, inputs: dict[str, str]) -> str:
@@ -42,6 +43,7 @@ def run_stage(store: ArtifactStore, stage: str, config: dict, inputs: dict[str, 
         log.info("%-13s up to date, skipped (%s)", stage, store.require(stage)["version"])
         return store.require(stage)
     log.info("%-13s building ...", stage)
+    console.quiet_ray()
     t0 = time.perf_counter()
     run = store.begin(stage)
     metrics = body(run)
