@@ -72,16 +72,22 @@ def _lines(stream, sink: queue.Queue) -> None:
 
 
 @pytest.mark.slow
-def test_keep_serving_stops_on_ctrl_c(trained_store, tmp_path):
+@pytest.mark.parametrize("how", ["demo", "cli"])
+def test_keep_serving_stops_on_ctrl_c(trained_store, tmp_path, how):
+    """``demo``: serve_demo after a Ctrl-C-swallowing handler; ``cli``: the real `sidrec pipeline
+    --keep-serving` on the trained store (every stage resumed), as a user runs it."""
     from sidrec.config import to_dict
+    from tests.conftest import small_run_overrides
 
-    cfg, _ = trained_store
+    cfg, root = trained_store
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     err = open(tmp_path / "child.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(to_dict(cfg)), str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    cmd = [sys.executable, "-c", CHILD, json.dumps(to_dict(cfg)), str(port)] if how == "demo" else [
+        sys.executable, "-m", "sidrec.cli", "pipeline", "--config", "quickstart", "--keep-serving", "--port",
+        str(port), f"store.root={root}", *small_run_overrides()]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     out: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
     family: list[int] = []
