@@ -66,9 +66,9 @@ def _ask(cfg: SidrecConfig, port: int, echo: Echo) -> dict[str, Any]:
 
     from sidrec.serve.app import build_app
 
+    console.quiet_ray()  # Serve's driver logger exists once ray.serve is imported
     titles = ArtifactStore(cfg.store.root).titles()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    console.quiet_ray()  # Serve's driver logger exists from here on
     serve.run(build_app({"store_root": cfg.store.root, "num_cpus": DEMO_CPUS}), name="sidrec", route_prefix="/",
               blocking=False)
     user = demo_user(cfg)
