@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sidrec import console
+from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig
 from sidrec.store import ArtifactStore
 
@@ -66,6 +67,7 @@ def _ask(cfg: SidrecConfig, port: int, echo: Echo) -> dict[str, Any]:
 
     from sidrec.serve.app import build_app
 
+    init_ray(cfg.ray)  # as the stages do (a resumed run may not have started Ray yet)
     console.quiet_ray()  # Serve's driver logger exists once ray.serve is imported
     titles = ArtifactStore(cfg.store.root).titles()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

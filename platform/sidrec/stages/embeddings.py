@@ -6,9 +6,10 @@ import time
 from dataclasses import asdict
 
 from sidrec import console
+from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig
 from sidrec.sids.embed import embed_catalog
-from sidrec.stages.run import init_ray, run_stage
+from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig
 from sidrec.eval.evaluator import evaluate
 from sidrec.eval.report import chart_png, markdown
-from sidrec.stages.run import init_ray, run_stage
+from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
 
 

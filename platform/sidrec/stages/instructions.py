@@ -11,10 +11,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from sidrec.cluster import init_ray
 from sidrec.config import TASKS, InstructionConfig, SidrecConfig
 from sidrec.llm.instructions import COLUMNS, alignment_rows, next_item_batch
 from sidrec.llm.train.data import read_rows
-from sidrec.stages.run import init_ray, run_stage
+from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
 
 ALIGNMENT_TASKS = ("sid_to_title", "title_to_sid")

@@ -19,11 +19,12 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from sidrec import console
+from sidrec.cluster import init_ray
 from sidrec.config import TOP_K, SidrecConfig, TrainConfig, resolve_deepspeed_config
 from sidrec.llm.train.driver import RunSummary, best_checkpoint, checkpoint_state, fit_on_ray, run_summary
 from sidrec.llm.train.ds_config import fill_deepspeed_config
 from sidrec.llm.train.plot import loss_curve_png
-from sidrec.stages.run import init_ray, run_stage, stage_fingerprint
+from sidrec.stages.run import run_stage, stage_fingerprint
 from sidrec.store import ArtifactStore, StageRun
 
 INPUTS = ("instructions", "base_model", "sids")

@@ -7,10 +7,11 @@ import time
 from dataclasses import asdict
 
 from sidrec import console
+from sidrec.cluster import init_ray
 from sidrec.config import QuantizerConfig, SidrecConfig
 from sidrec.sids.embed import read_embeddings
 from sidrec.sids.quantize import fit_quantizer, quantizer_to_bytes, reconstruction_error
-from sidrec.stages.run import init_ray, run_stage
+from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
 
 log = logging.getLogger("sidrec")

@@ -1,33 +1,17 @@
 """Running one stage into the artifact store: skip it when an identical run is published, else build a fresh
-version and publish it atomically. Every stage module calls `run_stage`; `init_ray` joins or starts Ray.
+version and publish it atomically. Every stage module calls `run_stage`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
 from sidrec import console
-from sidrec.config import RayConfig
 from sidrec.store import ArtifactStore, StageRun, fingerprint
 
 log = logging.getLogger("sidrec")
-
-
-def init_ray(cfg: RayConfig) -> None:
-    """Join the cluster named by cfg.address / RAY_ADDRESS (as inside `ray job submit`), else start one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    console.quiet_ray()
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address or None, **console.ray_init_options())
-    else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, **console.ray_init_options())
-    console.quiet_ray()
 
 
 def stage_fingerprint(config: dict, inputs: dict[str, str]) -> str:

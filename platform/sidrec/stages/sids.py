@@ -7,13 +7,14 @@ from dataclasses import asdict
 import numpy as np
 import pyarrow as pa
 
+from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig
 from sidrec.sids.codes import assign_collisions
 from sidrec.sids.embed import embeddings_to_numpy
 from sidrec.sids.quantize import encode_codes, quantizer_from_bytes
 from sidrec.sids.report import sid_report, write_report
 from sidrec.sids.tokens import render_sid
-from sidrec.stages.run import init_ray, run_stage
+from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
 
 
