@@ -203,7 +203,7 @@ CHAT_TOKEN_COUNT = 2  # <|im_start|>, <|im_end|> of the preset tokenizer (beside
 @dataclass
 class ModelConfig(Section):
     section: ClassVar[str] = "model"
-    base: str = opt(PRESET, "'tiny-qwen2' (built here, CPU) or a local HF checkpoint folder / hub id")
+    base: str = opt(PRESET, "'tiny-qwen2' (built here, CPU), a local HF checkpoint folder / hub id, or a .gguf file")
     hidden_size: int = opt(256, "preset: model width", ge=1)
     num_layers: int = opt(4, "preset: transformer blocks", ge=1)
     num_heads: int = opt(4, "preset: query heads", ge=1)

@@ -104,6 +104,9 @@ def load_base(cfg: ModelConfig, corpus_texts: Iterable[str]) -> tuple[PreTrained
     if cfg.base == PRESET:
         tokenizer = train_bpe_tokenizer(corpus_texts, cfg.tokenizer_vocab_size)
         model = build_tiny_qwen2(cfg, tokenizer)
+    elif cfg.base.endswith(".gguf"):
+        model, tokenizer = load_gguf(cfg.base)
+        model = model.to(getattr(torch, cfg.dtype))
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.base)
         model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=getattr(torch, cfg.dtype))
@@ -115,6 +118,29 @@ def load_base(cfg: ModelConfig, corpus_texts: Iterable[str]) -> tuple[PreTrained
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_gguf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF checkpoint (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) as a plain fp32 Hugging Face model.
+
+    transformers dequantizes GGUF weights to fp32 but keeps a GGUF ``quantization_config`` marker, which
+    makes ``save_pretrained`` refuse the model. The weights are ordinary tensors, so the model is rebuilt
+    from its config without the marker and the state dict copied in: what the ``base_model`` stage saves
+    then loads with plain ``AutoModelForCausalLM.from_pretrained``.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.base: GGUF file not found: {path}")
+    src, name = str(file.parent), file.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------- SID tokens
