@@ -42,6 +42,8 @@ def test_shipped_configs_load_and_resolve_paths(tmp_path, monkeypatch):
     assert cfg.data.format == "movielens_100k"
     assert cfg.store.root == str(tmp_path / "artifacts" / "ml-100k")
     assert load_config("amazon-industrial").data.format == "amazon_prepared"
+    beauty = load_config("amazon14-beauty")
+    assert (beauty.data.format, beauty.data.max_history, beauty.instructions.max_history) == ("amazon14_beauty", 20, 20)
 
 
 def test_missing_config_file(tmp_path):
