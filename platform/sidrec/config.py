@@ -503,11 +503,16 @@ def describe(cls: type = SidrecConfig, prefix: str = "") -> list[tuple[str, str,
     return rows
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML reads it: ``32`` -> 32, ``false`` -> False, ``abc`` -> 'abc'."""
+    return yaml.safe_load(raw) if raw.strip() else ""
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.option=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), parse_value(raw)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -111,10 +111,11 @@ class ProgressSink:
 @contextlib.contextmanager
 def progress(desc: str, total: int | None = None, unit: str = "it") -> Iterator[ProgressSink]:
     """A bar for remote work of one stage; yields the sink to hand to the workers."""
-    if not _state["progress"]:
+    import ray
+
+    if not _state["progress"] or not ray.is_initialized():  # never start Ray just to draw a bar
         yield ProgressSink()
         return
-    import ray
     from tqdm import tqdm
 
     counter = ray.remote(num_cpus=0)(_Counter).remote()

@@ -62,6 +62,8 @@ def test_build_app_args(tmp_path):
     settings, app = split_args({"store_root": str(tmp_path), "num_beams": "12", "num_cpus": "0.5",
                                 "reload_token": "7", "retries": 0})
     assert (settings.num_beams, settings.reload_token, app.num_cpus, app.retries) == (12, "7", 0.5, 0)
+    keyed, _ = split_args({"store_root": str(tmp_path), "api_key": "12345678", "torch_threads": "2"})
+    assert (keyed.api_key, keyed.torch_threads) == ("12345678", 2)  # a numeric-looking key stays a string
     assert split_args({})[0] is None and split_args(None)[1].max_body_bytes == 65536
     assert split_args({"store_root": "rel/store"})[0].store_root == str(Path("rel/store").resolve())
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['num_beam'\]"):
@@ -128,7 +130,7 @@ def _client(backend, **kw):
     return TestClient(make_api(backend, **kw), raise_server_exceptions=False)
 
 
-def _err(r, status: int, code: str) -> dict:
+def error_body(r, status: int, code: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
@@ -147,20 +149,20 @@ def test_http_app_validates_and_maps_errors():
         assert backend.calls[-1] == ("recommend", {"history": ["1", "2"], "profile": None, "k": 3,
                                                    "exclude_history": True})
         for k in (0, "ten", 2.5, True, None):
-            assert "body.k" in _err(c.post("/v1/recommend", json={"history": ["1"], "k": k}), 422,
+            assert "body.k" in error_body(c.post("/v1/recommend", json={"history": ["1"], "k": k}), 422,
                                     "invalid_request")["detail"]
-        assert "histroy" in _err(c.post("/v1/recommend", json={"histroy": ["1"]}), 422, "invalid_request")["detail"]
-        _err(c.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"}), 422,
+        assert "histroy" in error_body(c.post("/v1/recommend", json={"histroy": ["1"]}), 422, "invalid_request")["detail"]
+        error_body(c.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"}), 422,
              "invalid_request")
-        _err(c.post("/v1/items/search", json={"title": "  "}), 422, "invalid_request")
-        _err(c.post("/v1/items", json={"items": []}), 422, "invalid_request")
-        assert _err(c.get("/v1/items/x"), 404, "unknown_item")["item_id"] == "x"   # a replica's error reply
-        _err(c.post("/v1/items", json={"items": [{"item_id": 5, "title": "A"}]}, headers={"X-API-Key": "s3cret"}),
+        error_body(c.post("/v1/items/search", json={"title": "  "}), 422, "invalid_request")
+        error_body(c.post("/v1/items", json={"items": []}), 422, "invalid_request")
+        assert error_body(c.get("/v1/items/x"), 404, "unknown_item")["item_id"] == "x"   # a replica's error reply
+        error_body(c.post("/v1/items", json={"items": [{"item_id": 5, "title": "A"}]}, headers={"X-API-Key": "s3cret"}),
              401, "missing_api_key")
         assert backend.calls[-1] == ("add_items", [{"item_id": "5", "title": "A", "brand": "", "categories": "",
                                                     "description": ""}], "s3cret")
-        _err(c.get("/v1/nothing-here"), 404, "not_found")
-        _err(c.get("/v1/recommend"), 405, "method_not_allowed")
+        error_body(c.get("/v1/nothing-here"), 404, "not_found")
+        error_body(c.get("/v1/recommend"), 405, "method_not_allowed")
         assert {"/v1/recommend", "/v1/items/{item_id}", "/v1/items/search", "/v1/items", "/healthz"} <= set(
             c.get("/openapi.json").json()["paths"])
         assert c.get("/docs").status_code == 200
@@ -176,14 +178,14 @@ def test_http_app_body_limit_is_per_app():
     data = json.dumps(big).encode()
     metrics = FakeMetrics()
     with _client(small, max_body_bytes=2048, metrics=metrics) as s, _client(large, max_body_bytes=65536) as g:
-        assert _err(s.post("/v1/recommend", json=big), 413, "body_too_large")["max_body_bytes"] == 2048
+        assert error_body(s.post("/v1/recommend", json=big), 413, "body_too_large")["max_body_bytes"] == 2048
         chunks = [data[i:i + 1024] for i in range(0, len(data), 1024)]     # streamed: no Content-Length
-        _err(s.post("/v1/recommend", content=iter(chunks), headers={"content-type": "application/json"}), 413,
+        error_body(s.post("/v1/recommend", content=iter(chunks), headers={"content-type": "application/json"}), 413,
              "body_too_large")
         assert g.post("/v1/recommend", json=big).status_code == 200       # the other app's own limit
         assert g.post("/v1/recommend", content=iter(chunks),
                       headers={"content-type": "application/json"}).status_code == 200
-        _err(s.post("/v1/recommend", content=b"{}", headers={"content-type": "application/json",
+        error_body(s.post("/v1/recommend", content=b"{}", headers={"content-type": "application/json",
                                                              "content-length": "x"}), 400, "bad_request")
     assert not small.calls and len(large.calls) == 2
     assert metrics.seen.count(("unmatched", "POST", 413)) == 2

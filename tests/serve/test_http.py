@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.serve.test_deploy import API_KEY, catalog, free_port
+from tests.serve.test_handling import error_body
 
 httpx = pytest.importorskip("httpx")
 
@@ -34,13 +35,6 @@ def served(trained_store):
     finally:
         serve.shutdown()
 
-
-def _err(r, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert body["error"] == code and body["detail"], body
-    return body
 
 
 @pytest.mark.slow
@@ -91,41 +85,41 @@ class TestHTTP:
     def test_bad_inputs_get_4xx_json_naming_the_problem(self, served):
         client, _ = served
         post = client.post
-        b = _err(post("/v1/recommend", json={"history": ["1", "nope", "zzz"], "k": 5}), 422, "unknown_items")
+        b = error_body(post("/v1/recommend", json={"history": ["1", "nope", "zzz"], "k": 5}), 422, "unknown_items")
         assert b["unknown_items"] == ["nope", "zzz"] and "nope" in b["detail"]
-        b = _err(post("/v1/recommend", json={"history": []}), 422, "empty_history")
+        b = error_body(post("/v1/recommend", json={"history": []}), 422, "empty_history")
         assert "profile" in b["detail"]
-        _err(post("/v1/recommend", json={"history": [], "profile": "   "}), 422, "empty_history")
-        b = _err(post("/v1/recommend", json={"history": ["1"], "k": 21}), 422, "k_out_of_range")
+        error_body(post("/v1/recommend", json={"history": [], "profile": "   "}), 422, "empty_history")
+        b = error_body(post("/v1/recommend", json={"history": ["1"], "k": 21}), 422, "k_out_of_range")
         assert b["max_k"] == 20 and "between 1 and 20" in b["detail"]
         for k in (0, -3, "ten", 2.5, True, None):
-            b = _err(post("/v1/recommend", json={"history": ["1"], "k": k}), 422, "invalid_request")
+            b = error_body(post("/v1/recommend", json={"history": ["1"], "k": k}), 422, "invalid_request")
             assert "body.k" in b["detail"]
-        b = _err(post("/v1/recommend", json={"history": "1, 2"}), 422, "invalid_request")
+        b = error_body(post("/v1/recommend", json={"history": "1, 2"}), 422, "invalid_request")
         assert "body.history" in b["detail"]
-        b = _err(post("/v1/recommend", json={"histroy": ["1"]}), 422, "invalid_request")   # typo named
+        b = error_body(post("/v1/recommend", json={"histroy": ["1"]}), 422, "invalid_request")   # typo named
         assert "histroy" in b["detail"]
-        _err(post("/v1/recommend", json={"history": [["1"]]}), 422, "invalid_request")
-        _err(post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"}),
+        error_body(post("/v1/recommend", json={"history": [["1"]]}), 422, "invalid_request")
+        error_body(post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"}),
              422, "invalid_request")
-        _err(post("/v1/recommend", content=b"", headers={"content-type": "application/json"}), 422,
+        error_body(post("/v1/recommend", content=b"", headers={"content-type": "application/json"}), 422,
              "invalid_request")
-        _err(post("/v1/recommend", json=[1, 2]), 422, "invalid_request")
+        error_body(post("/v1/recommend", json=[1, 2]), 422, "invalid_request")
         # size limit: declared and streamed (chunked) bodies
         big = {"history": ["1"] * 20000}
-        b = _err(post("/v1/recommend", json=big), 413, "body_too_large")
+        b = error_body(post("/v1/recommend", json=big), 413, "body_too_large")
         assert b["max_body_bytes"] == 65536
         data = json.dumps(big).encode()
         chunks = [data[i:i + 16384] for i in range(0, len(data), 16384)]
-        _err(post("/v1/recommend", content=iter(chunks), headers={"content-type": "application/json"}),
+        error_body(post("/v1/recommend", content=iter(chunks), headers={"content-type": "application/json"}),
              413, "body_too_large")
-        b = _err(client.get("/v1/items/nope"), 404, "unknown_item")
+        b = error_body(client.get("/v1/items/nope"), 404, "unknown_item")
         assert b["item_id"] == "nope"
-        _err(client.get("/v1/nothing-here"), 404, "not_found")
-        _err(client.get("/v1/recommend"), 405, "method_not_allowed")
-        _err(post("/v1/items/search", json={"title": "  "}), 422, "invalid_request")
-        _err(post("/v1/items/search", json={"title": "Toy Story (1995)", "k": 99}), 422, "k_out_of_range")
-        _err(post("/v1/items/search", json={}), 422, "invalid_request")
+        error_body(client.get("/v1/nothing-here"), 404, "not_found")
+        error_body(client.get("/v1/recommend"), 405, "method_not_allowed")
+        error_body(post("/v1/items/search", json={"title": "  "}), 422, "invalid_request")
+        error_body(post("/v1/items/search", json={"title": "Toy Story (1995)", "k": 99}), 422, "k_out_of_range")
+        error_body(post("/v1/items/search", json={}), 422, "invalid_request")
 
     def test_item_lookup_and_title_search(self, served):
         client, root = served
@@ -154,15 +148,15 @@ class TestHTTP:
             {"item_id": "new-1", "title": "Toy Story 5 (2031)", "categories": ["Animation", "Children's", "Comedy"]},
             {"item_id": "new-2", "title": titles["1"], "categories": "Animation > Children's > Comedy"},
         ]}
-        _err(client.post("/v1/items", json=new), 401, "missing_api_key")
-        _err(client.post("/v1/items", json=new, headers={"X-API-Key": "wrong"}), 403, "invalid_api_key")
+        error_body(client.post("/v1/items", json=new), 401, "missing_api_key")
+        error_body(client.post("/v1/items", json=new, headers={"X-API-Key": "wrong"}), 403, "invalid_api_key")
         auth = {"X-API-Key": API_KEY}
-        _err(client.post("/v1/items", json={"items": [{"item_id": "1", "title": "x"}]}, headers=auth),
+        error_body(client.post("/v1/items", json={"items": [{"item_id": "1", "title": "x"}]}, headers=auth),
              409, "items_exist")
-        _err(client.post("/v1/items", json={"items": [{"item_id": "a", "title": "x"}] * 2}, headers=auth),
+        error_body(client.post("/v1/items", json={"items": [{"item_id": "a", "title": "x"}] * 2}, headers=auth),
              422, "duplicate_items")
-        _err(client.post("/v1/items", json={"items": []}, headers=auth), 422, "invalid_request")
-        _err(client.post("/v1/items", json={"items": [{"item_id": "b"}]}, headers=auth), 422, "invalid_request")
+        error_body(client.post("/v1/items", json={"items": []}, headers=auth), 422, "invalid_request")
+        error_body(client.post("/v1/items", json={"items": [{"item_id": "b"}]}, headers=auth), 422, "invalid_request")
         r = client.post("/v1/items", json=new, headers=auth)
         assert r.status_code == 200, r.text
         added = {i["item_id"]: i for i in r.json()["items"]}
@@ -176,7 +170,7 @@ class TestHTTP:
         for item_id, a in added.items():
             got = client.get(f"/v1/items/{item_id}").json()
             assert got["sid"] == a["sid"] and got["source"] == "added"
-        _err(client.post("/v1/items", json=new, headers=auth), 409, "items_exist")
+        error_body(client.post("/v1/items", json=new, headers=auth), 409, "items_exist")
         # recommendable at once: exclude every item but new-1 and 19 catalog items of distinct first codes
         # (20 = num_beams SIDs in 20 first-level branches: the beam search must return exactly these 20)
         first = new_first = added["new-1"]["sid"].split(">")[0]

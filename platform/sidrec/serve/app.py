@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 from ray.serve import Application
 
-from sidrec.config import ConfigError, ServeAppConfig, ServeSettings, section_from_dict
+from sidrec.config import ConfigError, ServeAppConfig, ServeSettings, parse_value, section_from_dict
 from sidrec.serve.deployment import RecommenderDeployment
 from sidrec.serve.http import Ingress
 
@@ -67,19 +67,11 @@ def _takes_str(tp: Any) -> bool:
     return any(_takes_str(a) for a in typing.get_args(tp))
 
 
-def _number(text: str) -> Any:
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text  # left for the section to reject, naming the option
-
-
 def from_cli(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-    """``serve run ... key=value`` gives strings: numbers for the options that are not strings."""
+    """``serve run ... key=value`` gives strings: parsed like a config override for the options that are not
+    strings (a key such as ``api_key=12345678`` stays a string)."""
     hints = typing.get_type_hints(cls)
-    return {k: _number(v) if isinstance(v, str) and not _takes_str(hints[k]) else v for k, v in values.items()}
+    return {k: parse_value(v) if isinstance(v, str) and not _takes_str(hints[k]) else v for k, v in values.items()}
 
 
 def split_args(args: Mapping[str, Any] | None) -> tuple[ServeSettings | None, ServeAppConfig]:
