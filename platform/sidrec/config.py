@@ -213,8 +213,9 @@ class ModelConfig(Section):
     rope_theta: float = opt(10000.0, "preset: RoPE base", gt=0)
     tokenizer_vocab_size: int = opt(4000, "preset: BPE vocabulary (incl. 256 byte tokens and 3 special tokens)",
                                     ge=256 + 1 + CHAT_TOKEN_COUNT)
-    new_token_init: Literal["mean", "random"] = opt("mean", "init of the new SID token rows: mean of the old rows, "
-                                                    "or N(0, their std)")
+    new_token_init: Literal["mean", "random", "titles"] = opt(
+        "titles", "init of the new SID token rows: titles = mean embedding of the titles of the items under "
+        "each code; mean = mean of the old rows; random = N(0, their std)")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "parameter dtype after loading / building")
     seed: int = opt(0, "preset: seed of the random weight init", ge=0)
 
@@ -242,6 +243,11 @@ class InstructionConfig(Section):
         factory=lambda: {"next_item": 1.0, "sid_to_title": 1.0, "title_to_sid": 1.0},
         help="next_item: 1 = every example once, 0 = none; alignment tasks: rows = round(weight * items)")
     use_profile: bool = opt(True, "prepend 'The user is {profile}.' when the user has a profile")
+    # "sequences" with train.loss_on=items is the all-positions objective (SASRec, GRID): every train target
+    # is a label once per epoch, at ~max_history times fewer rows than one overlapping window per example.
+    train_rows: Literal["examples", "sequences"] = opt(
+        "sequences", "next-item train rows: examples = one per train example (overlapping windows); sequences = "
+        "each user's train items cut into windows of max_history + 1 items, each item a target once")
     seed: int = opt(0, "seed of the template choice and the alignment sampling", ge=0)
 
     def check(self) -> None:
@@ -293,6 +299,9 @@ class TrainConfig(Section):
     seed: int = opt(0, "seed of the model-side randomness and the per-epoch shuffles", ge=0)
     max_steps: int = opt(0, "optimizer-step budget (0 = full epochs), spread evenly over the epochs", ge=0)
     train_on_valid: bool = opt(False, "also train next-item on the valid examples (never test)")
+    loss_on: Literal["response", "items"] = opt(
+        "items", "next-item rows: response = the answer's tokens only; items = also every history item's SID "
+        "tokens after the first (each is predicted from the items before it)")
     log_every: int = opt(20, "rank 0 logs loss, tokens/s and lr every this many optimizer steps", ge=1)
 
     def check(self) -> None:

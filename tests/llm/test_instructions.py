@@ -5,7 +5,14 @@ import pyarrow as pa
 import pytest
 
 from sidrec.config import ConfigError, InstructionConfig
-from sidrec.llm.instructions import TEMPLATES, build_instructions, next_item_batch, template_corpus
+from sidrec.llm.instructions import (
+    TEMPLATES,
+    build_instructions,
+    next_item_batch,
+    sequence_windows,
+    template_corpus,
+    user_sequences,
+)
 
 N_ITEMS = 40
 SID_OF = {f"i{k}": f"<a_{k % 7}><b_{k % 5}><c_{k}>" for k in range(N_ITEMS)}
@@ -38,7 +45,8 @@ def _splits() -> dict[str, pa.Table]:
 def test_counts_per_task_follow_weights():
     train = _splits()["train"]
     n_items = N_ITEMS - 1  # i39 has no title
-    cfg = InstructionConfig(task_weights={"next_item": 1.0, "sid_to_title": 0.5, "title_to_sid": 2.5})
+    cfg = InstructionConfig(train_rows="examples",
+                            task_weights={"next_item": 1.0, "sid_to_title": 0.5, "title_to_sid": 2.5})
     table = build_instructions("train", train, SID_OF, TITLES, PROFILES, cfg)
     counts = collections.Counter(table.column("task").to_pylist())
     assert counts == {"next_item": train.num_rows, "sid_to_title": round(0.5 * n_items),
@@ -56,7 +64,8 @@ def test_counts_per_task_follow_weights():
 
 def test_rows_contents():
     train = _splits()["train"]
-    table = build_instructions("train", train, SID_OF, TITLES, PROFILES, InstructionConfig()).to_pylist()
+    table = build_instructions("train", train, SID_OF, TITLES, PROFILES,
+                               InstructionConfig(train_rows="examples")).to_pylist()
     nxt = [r for r in table if r["task"] == "next_item"]
     assert [r["target_item"] for r in nxt] == train.column("target").to_pylist()
     for r, hist in zip(nxt, train.column("history").to_pylist(), strict=True):
@@ -160,3 +169,41 @@ def test_template_corpus_covers_both_languages():
     assert "Which item will the user click next?" in text and "用户接下来会点击哪个商品？" in text
     assert "{" not in text
     assert all(len(ts) >= 3 for lang in TEMPLATES.values() for ts in lang.values())
+
+
+def test_sequence_windows_cover_every_train_target_once():
+    """Leave-one-out examples glue back into one sequence per user; windows label each target once."""
+    seq = [f"i{k}" for k in range(12)]
+    rows = [("u0", seq[max(0, t - 4):t], seq[t]) for t in range(1, len(seq))]  # history capped at 4
+    rows += [("u1", ["i0"], "i5"), ("u1", ["i0", "i5"], "i6")]
+    windows = sequence_windows(_examples(rows), max_history=4)
+    got = list(zip(windows.column("user_id").to_pylist(), windows.column("history").to_pylist(),
+                   windows.column("target").to_pylist(), strict=True))
+    # newest window first and full; consecutive windows share one item
+    assert got == [("u0", seq[7:11], seq[11]), ("u0", seq[3:7], seq[7]), ("u0", seq[0:3], seq[3]),
+                   ("u1", ["i0", "i5"], "i6")]
+    # labels with loss_on=items: every history item after the first + the target = every example's target
+    labelled = collections.Counter()
+    for u, h, t in got:
+        labelled.update((u, i) for i in h[1:] + [t])
+    assert labelled == collections.Counter((u, t) for u, _h, t in rows)
+
+
+def test_user_sequences_keeps_examples_that_do_not_chain():
+    seqs = user_sequences(["u", "u", "u"], [["a"], ["x", "y"], ["a", "b"]], ["b", "z", "c"])
+    assert seqs == {"u": [["a", "b", "c"], ["x", "y", "z"]]}
+
+
+def test_train_rows_sequences_vs_examples():
+    train = _splits()["train"]
+    by_example = build_instructions("train", train, SID_OF, TITLES, PROFILES,
+                                    InstructionConfig(train_rows="examples", task_weights={"next_item": 1.0}))
+    by_sequence = build_instructions("train", train, SID_OF, TITLES, PROFILES,
+                                     InstructionConfig(train_rows="sequences", task_weights={"next_item": 1.0}))
+    assert by_example.num_rows == train.num_rows
+    assert by_sequence.num_rows == 4  # one window per user: every train sequence is <= max_history + 1 items
+    last = {r["user_id"]: r for r in by_example.to_pylist()}  # each user's newest example ...
+    assert sorted(by_sequence.to_pylist(), key=lambda r: r["user_id"]) == [last[u] for u in sorted(last)]
+    valid = build_instructions("valid", _splits()["valid"], SID_OF, TITLES, PROFILES,
+                               InstructionConfig(train_rows="sequences"))
+    assert valid.num_rows == 4  # eval splits stay one row per example

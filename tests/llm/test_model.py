@@ -12,11 +12,13 @@ from sidrec.llm.model import (
     build_tiny_qwen2,
     decode_sid,
     encode_sid,
+    init_sid_rows_from_titles,
     load_base,
     save_model,
     train_bpe_tokenizer,
 )
-from sidrec.llm.sft import IGNORE_INDEX, collate, encode_prompt, format_example
+from sidrec.llm.sft import IGNORE_INDEX, collate, encode_prompt, format_example, prompt_labels
+from sidrec.llm.train.data import sid_token_ids
 from sidrec.sids.tokens import used_tokens
 
 ITEMS = Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon18-industrial" / "items.jsonl"
@@ -251,3 +253,73 @@ def test_preset_shapes(corpus):
 def test_bad_model_config_names_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"model.{field}"):
         ModelConfig(**kwargs)
+
+
+def test_prompt_labels_skip_the_first_item():
+    x = IGNORE_INDEX
+    assert prompt_labels([5, 1, 2, 7, 1, 3, 7, 2, 2, 9], {1, 2, 3}) == [x, x, x, x, 1, 3, x, 2, 2, x]
+    assert prompt_labels([1, 2, 7], {1, 2}) == [x, x, x]
+    assert prompt_labels([1, 2, 7], ()) == [x, x, x]
+
+
+def test_format_example_labels_history_sids(corpus):
+    """loss_on=items: every history SID after the first is a label, so is the response; text never."""
+    model, tok = _fresh(corpus)
+    add_sid_tokens(model, tok, used_tokens(SIDS3))
+    ids = sid_token_ids(tok)
+    assert len(ids) == len(used_tokens(SIDS3))
+    prompt = f"The user has clicked: {SIDS3[0]}, {SIDS3[1]}, {SIDS3[2]}. Which item next?"
+    ex = format_example(prompt, SIDS3[3], tok, max_length=256, label_prompt_ids=ids)
+    labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX]
+    want = [i for s in SIDS3[1:4] for i in encode_sid(tok, s)] + [tok.eos_token_id]
+    assert labelled == want
+    plain = format_example(prompt, SIDS3[3], tok, max_length=256)
+    assert plain["input_ids"] == ex["input_ids"]
+    assert sum(lab != IGNORE_INDEX for lab in plain["labels"]) == 4
+
+
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+
+
+def test_chat_template_wraps_the_prompt_and_truncates_only_its_text(corpus):
+    tok = train_bpe_tokenizer(corpus, vocab_size=800)
+    plain = encode_prompt("Which item next?", tok, 64)
+    tok.chat_template = CHATML
+    ids = encode_prompt("Which item next?", tok, 64)
+    assert ids != plain
+    assert tok.decode(ids) == "<|im_start|>user\nWhich item next?<|im_end|>\n<|im_start|>assistant\n"
+    long = "old " * 100 + "recent. Which item next?"
+    cut = encode_prompt(long, tok, 24)
+    assert len(cut) == 24
+    text = tok.decode(cut)
+    assert text.startswith("<|im_start|>user\n") and text.endswith("Which item next?<|im_end|>\n<|im_start|>assistant\n")
+    ex = format_example("Which item next?", "Steel pipe", tok, max_length=64)
+    assert tok.decode(ex["input_ids"]).endswith("assistant\nSteel pipe<|endoftext|>")
+    assert tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX]) == (
+        "Steel pipe<|endoftext|>")
+
+
+def test_sid_rows_from_titles(corpus):
+    model, tok = _fresh(corpus)
+    add_sid_tokens(model, tok, used_tokens(SIDS3[:4]))
+    w = model.get_input_embeddings().weight
+    with torch.no_grad():
+        w.normal_()
+    before = w.detach().clone()
+    titles = ["steel pipe", "copper wire", "rubber glove", ""]
+    assert init_sid_rows_from_titles(model, tok, zip(SIDS3[:4], titles, strict=True)) == len(
+        used_tokens(SIDS3[:3]))
+
+    def title_vec(t):
+        return before[tok.encode(t, add_special_tokens=False)].mean(0)
+
+    a0, b0, _ = encode_sid(tok, SIDS3[0])
+    assert torch.allclose(w[b0], title_vec("steel pipe"), atol=1e-5)
+    same_a = [t for s, t in zip(SIDS3[:3], titles, strict=False) if s.startswith(SIDS3[0][:5])]
+    assert torch.allclose(w[a0], torch.stack([title_vec(t) for t in same_a]).mean(0), atol=1e-5)
+    untouched = set(encode_sid(tok, SIDS3[3])) - {i for s in SIDS3[:3] for i in encode_sid(tok, s)}
+    for i in untouched:  # item 3 has no title: its own codes keep their rows
+        assert torch.equal(w[i], before[i])
+    text_ids = tok.encode("steel pipe", add_special_tokens=False)
+    assert torch.equal(w[text_ids], before[text_ids])  # only SID rows change

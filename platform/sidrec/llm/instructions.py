@@ -1,7 +1,8 @@
 """Instruction (SFT) data for the three seed tasks: next item, SID -> title, title -> SID.
 
 - ``next_item``: one row per example of the split: the user's (profile and) last ``max_history`` items as
-  SIDs -> the target's SID. Rows of a split only ever use that split's examples, so building the train
+  SIDs -> the target's SID. With ``train_rows="sequences"`` the train rows are instead windows that cover
+  each user's train sequence once (``sequence_windows``), for the all-positions loss. Rows of a split only ever use that split's examples, so building the train
   split from train examples can never put a valid/test target into a training row.
 - ``sid_to_title`` / ``title_to_sid``: align the new SID tokens with item text (LC-Rec/MiniOneRec style).
   They are built for ``split == "train"`` only and cover the whole catalog (every item that has a SID
@@ -132,6 +133,50 @@ def next_item_batch(batch: dict[str, np.ndarray], *, sid_of: Mapping[str, str], 
     return {c: np.array([r[c] for r in rows], dtype=object) for c in COLUMNS}
 
 
+def user_sequences(user_ids: list[str], histories: list[list[str]], targets: list[str]) -> dict[str, list[list[str]]]:
+    """Each user's item sequences, rebuilt from their examples (in table order, shortest history first).
+
+    An example continues a sequence when its history is that sequence's tail (histories may be capped),
+    so a user's leave-one-out examples glue back into one sequence; an example that does not fit starts a
+    new one. Nothing is dropped: every example's target is the end of some prefix of a returned sequence.
+    """
+    by_user: dict[str, list[tuple[list[str], str]]] = {}
+    for u, h, t in zip(user_ids, histories, targets, strict=True):
+        by_user.setdefault(u, []).append((list(h), t))
+    out: dict[str, list[list[str]]] = {}
+    for u, rows in by_user.items():
+        seqs: list[list[str]] = []
+        for h, t in sorted(rows, key=lambda r: len(r[0])):  # stable: table order within a length
+            cur = next((s for s in seqs if h and s[-len(h):] == h), None)
+            if cur is None:
+                seqs.append(h + [t])
+            else:
+                cur.append(t)
+        out[u] = seqs
+    return out
+
+
+def sequence_windows(examples: pa.Table, max_history: int) -> pa.Table:
+    """Examples whose (history, target) windows cover each user's sequences, each item a target once.
+
+    Windows of ``max_history + 1`` items end at the last item and step back ``max_history`` items, so the
+    newest window is full (like an inference prompt) and consecutive windows share one item: with
+    ``train.loss_on=items`` every item after a sequence's first is a label in exactly one row.
+    """
+    seqs = user_sequences(examples.column("user_id").to_pylist(), examples.column("history").to_pylist(),
+                          examples.column("target").to_pylist())
+    users, hists, tgts = [], [], []
+    for u, user_seqs in seqs.items():
+        for seq in user_seqs:
+            for end in range(len(seq) - 1, 0, -max_history):
+                window = seq[max(0, end - max_history):end + 1]
+                users.append(u)
+                hists.append(window[:-1])
+                tgts.append(window[-1])
+    return pa.table({"user_id": pa.array(users, pa.string()), "history": pa.array(hists, pa.list_(pa.string())),
+                     "target": pa.array(tgts, pa.string())})
+
+
 def alignment_rows(task: str, sid_of: Mapping[str, str], titles: Mapping[str, str],
                    cfg: InstructionConfig) -> list[dict[str, str]]:
     """``round(weight * n_items)`` rows of an alignment task over items that have both a SID and a title."""
@@ -167,6 +212,8 @@ def build_instructions(split: str, examples: pa.Table, sid_of: Mapping[str, str]
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be train, valid or test, got {split!r}")
     parts: dict[str, list] = {c: [] for c in COLUMNS}
+    if split == "train" and cfg.train_rows == "sequences":
+        examples = sequence_windows(examples, cfg.max_history)
     if cfg.task_weights.get("next_item", 0.0) > 0 and examples.num_rows:
         batch = {c: examples.column(c).to_pylist() for c in ("user_id", "history", "target")}
         out = next_item_batch(batch, sid_of=sid_of, profiles=profiles, cfg=cfg)  # type: ignore[arg-type]

@@ -198,6 +198,37 @@ def add_sid_tokens(
     return added
 
 
+def init_sid_rows_from_titles(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                              sid_titles: Iterable[tuple[str, str]]) -> int:
+    """Set each SID token's rows to the mean embedding of the titles of the items under that code.
+
+    ``<b_7>`` starts as the average of the token embeddings of every title whose SID has code 7 at level
+    1, so a pretrained model starts from what it already knows about those items' words (LC-Rec-style
+    grounding) instead of one shared mean row. Call after `add_sid_tokens`; codes no title reaches keep
+    their rows. Returns the number of SID tokens set.
+    """
+    matrices = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(out.weight)
+    sums: list[dict[int, torch.Tensor]] = [{} for _ in matrices]
+    counts: dict[int, int] = {}
+    with torch.no_grad():
+        for sid, title in sid_titles:
+            ids = tokenizer.encode(title, add_special_tokens=False)
+            if not ids or not title.strip():
+                continue
+            vecs = [w[torch.tensor(ids, device=w.device)].float().mean(0) for w in matrices]
+            for tid in encode_sid(tokenizer, sid):
+                counts[tid] = counts.get(tid, 0) + 1
+                for acc, v in zip(sums, vecs, strict=True):
+                    acc[tid] = acc[tid] + v if tid in acc else v.clone()
+        for w, acc in zip(matrices, sums, strict=True):
+            for tid, total in acc.items():
+                w[tid] = (total / counts[tid]).to(w.dtype)
+    return len(counts)
+
+
 def encode_sid(tokenizer: PreTrainedTokenizerBase, sid: str) -> list[int]:
     """Token ids of ``sid``, one per level; raises ValueError unless each level is exactly one token."""
     parts = [sid_token(level, code) for level, code in enumerate(parse_sid(sid))]

@@ -5,7 +5,7 @@ Training and inference share `encode_prompt`, so generation starts exactly where
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -14,27 +14,55 @@ PROMPT_SEPARATOR = "\n"  # appended to every prompt; the response starts right a
 IGNORE_INDEX = -100  # label value ignored by the cross-entropy loss
 
 
+def prompt_pieces(prompt: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
+    """(head, body, tail) ids of a prompt as the model sees it; only ``body`` may be truncated.
+
+    With a chat template (instruction-tuned checkpoints such as SmolLM2-Instruct) the prompt is the user turn
+    of ``apply_chat_template(..., add_generation_prompt=True)``, so the response is the assistant's answer
+    and its eos (``<|im_end|>``) closes the turn. Without one: ``[bos]`` + ``prompt + PROMPT_SEPARATOR``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        head, found, tail = text.partition(prompt)
+        if not found:
+            raise ValueError("the tokenizer's chat template does not keep the prompt text verbatim")
+        return (tokenizer.encode(head, add_special_tokens=False), tokenizer.encode(prompt, add_special_tokens=False),
+                tokenizer.encode(tail, add_special_tokens=False) if tail else [])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos, tokenizer.encode(prompt + PROMPT_SEPARATOR, add_special_tokens=False), []
+
+
+def prompt_length(prompt: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens of the untruncated prompt (see ``prompt_pieces``)."""
+    return sum(len(p) for p in prompt_pieces(prompt, tokenizer))
+
+
 def encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
-    """Prompt ids as seen by the model: [bos] + tokens of ``prompt + PROMPT_SEPARATOR``, left-truncated.
+    """Prompt ids as seen by the model (``prompt_pieces``), the prompt text left-truncated to ``max_length``.
 
     Left truncation keeps the end of the prompt: the most recent history and the question. Use the same
     function at inference so generation starts exactly where training responses start.
     """
-    ids = tokenizer.encode(prompt + PROMPT_SEPARATOR, add_special_tokens=False)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    keep = max_length - len(bos)
+    head, body, tail = prompt_pieces(prompt, tokenizer)
+    keep = max_length - len(head) - len(tail)
     if keep <= 0:
         raise ValueError(f"max_length={max_length} leaves no room for the prompt")
-    return bos + ids[-keep:]
+    return head + body[-keep:] + tail
 
 
-def format_example(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+def format_example(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   label_prompt_ids: Collection[int] = ()) -> dict:
     """Tokenise one SFT pair: ``input_ids``, ``labels`` and ``attention_mask`` (lists of ints).
 
-    Layout: ``[bos] prompt "\\n" response eos``. Labels are IGNORE_INDEX on the prompt part, so the loss is
+    Layout: ``[bos] prompt "\\n" response eos`` (with a chat template: the user turn, then the response). Labels are IGNORE_INDEX on the prompt part, so the loss is
     over the response tokens plus eos (the eos teaches the model to stop after the item). Prompt and
     response are encoded separately so the boundary never merges across BPE pieces. When too long, the
     prompt is truncated from the left; the response is never cut (raises if it alone does not fit).
+
+    ``label_prompt_ids`` (the SID token ids, for the all-positions objective): prompt tokens with these ids
+    are labels too, except the first run of them: the first history item has nothing before it to predict
+    it from, and each later one is predicted from the items before it.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token")
@@ -46,9 +74,23 @@ def format_example(prompt: str, response: str, tokenizer: PreTrainedTokenizerBas
     input_ids = prompt_ids + resp
     return {
         "input_ids": input_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + resp,
+        "labels": prompt_labels(prompt_ids, label_prompt_ids) + resp,
         "attention_mask": [1] * len(input_ids),
     }
+
+
+def prompt_labels(prompt_ids: list[int], label_ids: Collection[int]) -> list[int]:
+    """Labels of the prompt part: IGNORE_INDEX except ``label_ids`` tokens after the first run of them."""
+    labels = [IGNORE_INDEX] * len(prompt_ids)
+    if not label_ids:
+        return labels
+    runs = 0
+    for i, tok in enumerate(prompt_ids):
+        if tok in label_ids:
+            runs += i == 0 or prompt_ids[i - 1] not in label_ids
+            if runs > 1:
+                labels[i] = tok
+    return labels
 
 
 def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import numpy as np
 from sidrec.config import ServeSettings
 from sidrec.decode.beam import Hit
 from sidrec.llm.instructions import TEMPLATES, next_item_prompt
-from sidrec.llm.sft import PROMPT_SEPARATOR, encode_prompt
+from sidrec.llm.sft import encode_prompt, prompt_length
 from sidrec.recommender import Recommender
 from sidrec.serve.items import AddedItems, ItemEncoder, NewItem, assign_sids
 from sidrec.serve.schemas import error
@@ -51,8 +51,7 @@ def flatten(rec: Recommender, hits: Sequence[Hit], k: int) -> list[dict[str, Any
 def prompt_truncated(rec: Recommender, history: Sequence[str], profile: str) -> bool:
     """True when the token budget cuts the prompt (on top of the max_history cap)."""
     prompt = next_item_prompt("", list(history), rec.sid_of, profile, rec.icfg)
-    n = len(rec.tokenizer.encode(prompt + PROMPT_SEPARATOR, add_special_tokens=False))
-    return n + (rec.tokenizer.bos_token_id is not None) > rec.max_prompt_tokens
+    return prompt_length(prompt, rec.tokenizer) > rec.max_prompt_tokens
 
 
 def _profile(request: Mapping[str, Any]) -> str:

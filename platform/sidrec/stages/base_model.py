@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 
 from sidrec.config import PRESET, SidrecConfig
 from sidrec.llm.instructions import template_corpus
-from sidrec.llm.model import add_sid_tokens, load_base, save_model
+from sidrec.llm.model import add_sid_tokens, init_sid_rows_from_titles, load_base, save_model
 from sidrec.sids.tokens import used_tokens
 from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
@@ -39,10 +39,16 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
 
     def body(run: StageRun) -> dict:
         corpus = tokenizer_corpus(store) if cfg.model.base == PRESET else []
+        init = cfg.model.new_token_init
         model, tokenizer = load_base(cfg.model, corpus)
         before = len(tokenizer)
         vocab = used_tokens(store.sid_table(["sid"])["sid"].to_pylist())
-        added = add_sid_tokens(model, tokenizer, vocab, init=cfg.model.new_token_init)
+        added = add_sid_tokens(model, tokenizer, vocab, init="random" if init == "random" else "mean")
+        titled = 0
+        if init == "titles":
+            titles = store.titles()
+            titled = init_sid_rows_from_titles(model, tokenizer, ((sid, titles.get(item, ""))
+                                                                  for item, sid in store.sid_map().items()))
         if isinstance(store.fs, pafs.LocalFileSystem):
             save_model(model, tokenizer, run.path)
         else:
@@ -50,7 +56,7 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
                 save_model(model, tokenizer, tmp)
                 store.upload_dir(tmp, run.path)
         return {"base": cfg.model.base, "tokenizer_size_before": before, "sid_tokens": len(vocab),
-                "sid_tokens_added": added, "tokenizer_size": len(tokenizer),
+                "sid_tokens_added": added, "sid_tokens_from_titles": titled, "tokenizer_size": len(tokenizer),
                 "embedding_rows": int(model.get_input_embeddings().weight.shape[0]),
                 "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from sidrec.cluster import init_ray
 from sidrec.config import TASKS, InstructionConfig, SidrecConfig
-from sidrec.llm.instructions import COLUMNS, alignment_rows, next_item_batch
+from sidrec.llm.instructions import COLUMNS, alignment_rows, next_item_batch, sequence_windows
 from sidrec.llm.train.data import read_rows
 from sidrec.stages.run import run_stage
 from sidrec.store import ArtifactStore, StageRun
@@ -23,10 +23,15 @@ ALIGNMENT_TASKS = ("sid_to_title", "title_to_sid")
 
 def write_next_item(store: ArtifactStore, split: str, out: str, sid_of: dict[str, str], profiles: dict[str, str],
                     icfg: InstructionConfig) -> None:
-    """Ray Data: the split's examples -> next-item rows, written as parquet files under ``out``."""
+    """Ray Data: the split's examples (train with ``train_rows=sequences``: their windows) -> next-item rows,
+    written as parquet files under ``out``."""
     import ray.data
 
-    ds = ray.data.read_parquet(f"{store.current_path('dataset')}/{split}.parquet", filesystem=store.fs)
+    if split == "train" and icfg.train_rows == "sequences":
+        examples = store.split(split, ["user_id", "history", "target"])
+        ds = ray.data.from_arrow(sequence_windows(examples, icfg.max_history))
+    else:
+        ds = ray.data.read_parquet(f"{store.current_path('dataset')}/{split}.parquet", filesystem=store.fs)
     ds = ds.map_batches(next_item_batch, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"sid_of": sid_of, "profiles": profiles, "cfg": icfg})
     ds.write_parquet(out, filesystem=store.fs)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sidrec.config import TrainConfig
 from sidrec.llm.sft import collate, format_example
+from sidrec.sids.tokens import is_sid_token
 from sidrec.store import ArtifactStore
 
 ROW_COLUMNS = ["task", "prompt", "response", "target_item"]
@@ -29,12 +30,23 @@ def read_rows(store: ArtifactStore, folder: str) -> list[dict]:
     return store.read_table(folder, columns=ROW_COLUMNS).to_pylist()
 
 
-def tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list[dict], int]:
-    """`format_example` of each row; rows whose response alone does not fit ``max_length`` are skipped (counted)."""
+def sid_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of the tokenizer's SID tokens (``<a_12>`` ...)."""
+    return frozenset(i for t, i in tokenizer.get_added_vocab().items() if is_sid_token(t))
+
+
+def tokenize_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                  loss_on: str = "response") -> tuple[list[dict], int]:
+    """`format_example` of each row; rows whose response alone does not fit ``max_length`` are skipped (counted).
+
+    ``loss_on="items"``: next-item rows also learn every history item's SID after the first.
+    """
     out, skipped = [], 0
+    sid_ids = sid_token_ids(tokenizer) if loss_on == "items" else frozenset()
     for r in rows:
+        label_ids = sid_ids if r["task"] == "next_item" else frozenset()
         try:
-            out.append(format_example(r["prompt"], r["response"], tokenizer, max_length))
+            out.append(format_example(r["prompt"], r["response"], tokenizer, max_length, label_ids))
         except ValueError:  # the response alone does not fit max_length (a very long title)
             skipped += 1
     return out, skipped
@@ -56,9 +68,10 @@ def load_examples(store: ArtifactStore, instructions_path: str, tokenizer: PreTr
     of valid next-item rows for the validation loss, and (rank 0) a seeded sample of valid users to rank."""
     train_rows = read_rows(store, f"{instructions_path}/train")
     valid_rows = [r for r in read_rows(store, f"{instructions_path}/valid") if r["task"] == "next_item"]
-    if tcfg.train_on_valid:
-        train_rows += valid_rows
-    train_ex, skipped = tokenize_rows(train_rows, tokenizer, tcfg.max_length)
+    train_ex, skipped = tokenize_rows(train_rows, tokenizer, tcfg.max_length, tcfg.loss_on)
+    if tcfg.train_on_valid:  # their history items are train items, already labels of the train rows
+        more, more_skipped = tokenize_rows(valid_rows, tokenizer, tcfg.max_length)
+        train_ex, skipped = train_ex + more, skipped + more_skipped
     rng = np.random.default_rng([tcfg.seed, 7])
     val_pick = valid_rows
     if tcfg.max_val_rows and len(valid_rows) > tcfg.max_val_rows:
