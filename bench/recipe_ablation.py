@@ -5,6 +5,8 @@ Levers (see their help in sidrec.config):
 - ``instructions.train_rows``: ``examples`` (one row per train example, overlapping windows) vs
   ``sequences`` (each user's train items cut into windows, each item a target once);
 - ``train.loss_on``: ``response`` (the row's answer only) vs ``items`` (every history SID after the first too);
+- ``train.sid_softmax``: history SID labels scored among their level's tokens (``level``) or the whole
+  vocabulary (``full``);
 - ``model.new_token_init``: ``mean`` vs ``titles`` (mostly matters for pretrained backbones).
 
     python bench/recipe_ablation.py [--config quickstart] [--store /tmp/ablation] [--variants old,recipe ...]
@@ -26,11 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.recipe_ablation")
 
-RECIPE = {"instructions.train_rows": "sequences", "train.loss_on": "items", "model.new_token_init": "titles"}
+RECIPE = {"instructions.train_rows": "sequences", "train.loss_on": "items", "train.sid_softmax": "level",
+          "model.new_token_init": "titles"}
 VARIANTS = {  # name -> overrides on top of RECIPE (the shipped defaults)
     "recipe": {},
-    "old (examples, response loss, mean init)": {"instructions.train_rows": "examples",
-                                                 "train.loss_on": "response", "model.new_token_init": "mean"},
+    "old (examples rows + response loss + mean init)": {"instructions.train_rows": "examples",
+                                                        "train.loss_on": "response", "model.new_token_init": "mean"},
+    "full softmax": {"train.sid_softmax": "full"},
     "examples rows": {"instructions.train_rows": "examples"},
     "response loss": {"train.loss_on": "response"},
     "mean init": {"model.new_token_init": "mean"},

@@ -299,6 +299,10 @@ class TrainConfig(Section):
     seed: int = opt(0, "seed of the model-side randomness and the per-epoch shuffles", ge=0)
     max_steps: int = opt(0, "optimizer-step budget (0 = full epochs), spread evenly over the epochs", ge=0)
     train_on_valid: bool = opt(False, "also train next-item on the valid examples (never test)")
+    sid_softmax: Literal["level", "full"] = opt(
+        "level", "history SID labels (loss_on=items): level = softmax over that level's SID tokens only (all the "
+        "trie allows there; ~2.5x cheaper steps on the tiny model), full = over the whole vocabulary; the "
+        "response always uses the full vocabulary. DDP without LoRA only; otherwise full")
     loss_on: Literal["response", "items"] = opt(
         "items", "next-item rows: response = the answer's tokens only; items = also every history item's SID "
         "tokens after the first (each is predicted from the items before it)")

@@ -76,6 +76,7 @@ def format_example(prompt: str, response: str, tokenizer: PreTrainedTokenizerBas
         "input_ids": input_ids,
         "labels": prompt_labels(prompt_ids, label_prompt_ids) + resp,
         "attention_mask": [1] * len(input_ids),
+        "n_prompt": len(prompt_ids),
     }
 
 

@@ -130,6 +130,9 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
 
 def micro_batch(examples: list[dict], shard: np.ndarray, index: int, batch_size: int, pad_id: int,
                 device: torch.device) -> dict[str, torch.Tensor]:
-    """The ``index``-th micro-batch of a shard, collated and on ``device``."""
+    """The ``index``-th micro-batch of a shard, collated and on ``device``, with ``prompt_len`` (B,)."""
     i0 = index * batch_size
-    return batch_to(collate([examples[j] for j in shard[i0:i0 + batch_size]], pad_id), device)
+    rows = [examples[j] for j in shard[i0:i0 + batch_size]]
+    batch = collate(rows, pad_id)
+    batch["prompt_len"] = torch.tensor([r["n_prompt"] for r in rows], dtype=torch.long)
+    return batch_to(batch, device)

@@ -12,6 +12,7 @@ import torch
 
 from sidrec.console import ProgressSink
 from sidrec.llm.train.data import Examples, StepPlan, epoch_shard, micro_batch
+from sidrec.llm.train.loss import level_softmax_loss
 from sidrec.llm.train.setup import TrainParts, WorkerEnv
 
 log = logging.getLogger("sidrec.train")
@@ -48,6 +49,7 @@ class EpochResult:
 
 def forward_backward(env: WorkerEnv, parts: TrainParts, batch: dict[str, torch.Tensor], last_micro: bool) -> float:
     """Loss of one micro-batch and its backward pass (DeepSpeed: its engine also steps); returns the loss."""
+    prompt_len = batch.pop("prompt_len")
     if env.use_ds:
         loss = parts.engine(**batch, use_cache=False).loss
         parts.engine.backward(loss)
@@ -55,7 +57,11 @@ def forward_backward(env: WorkerEnv, parts: TrainParts, batch: dict[str, torch.T
         return float(loss.detach())
     sync = last_micro or parts.module is parts.model  # DDP: all-reduce on the last micro-batch only
     with (contextlib.nullcontext() if sync else parts.model.no_sync()), env.autocast():
-        loss = parts.model(**batch, use_cache=False).loss
+        if parts.sid_levels is not None:
+            weight = parts.module.get_output_embeddings().weight
+            loss = level_softmax_loss(parts.model, weight, batch, prompt_len, parts.sid_levels)
+        else:
+            loss = parts.model(**batch, use_cache=False).loss
     (loss / env.tcfg.grad_accum).backward()
     return float(loss.detach())
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from sidrec.config import TrainConfig
 from sidrec.llm.train.ds_config import zero_stage
+from sidrec.llm.train.loss import SidLevels
 from sidrec.sids.tokens import is_sid_token
 
 log = logging.getLogger("sidrec.train")
@@ -76,6 +77,7 @@ class TrainParts:
     trainable: int  # trainable parameters
     engine: Any = None  # the DeepSpeed engine (strategy "deepspeed"), else None
     params: list = field(default_factory=list)  # trainable parameters (gradient clipping)
+    sid_levels: SidLevels | None = None  # set: history SID labels use the level softmax (train.sid_softmax)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -22,6 +22,7 @@ from sidrec.console import ProgressSink
 from sidrec.llm.train.checkpoint import report_epoch, write_checkpoint, write_state
 from sidrec.llm.train.data import Examples, StepPlan, load_examples, lr_lambda, plan_steps
 from sidrec.llm.train.fit import train_epoch
+from sidrec.llm.train.loss import sid_levels
 from sidrec.llm.train.restore import (
     load_state,
     restore_ddp,
@@ -79,6 +80,8 @@ def build_parts(env: WorkerEnv, tokenizer: PreTrainedTokenizerBase, base_dir: st
         parts = setup_ddp(model, env, sched_fn)
         if ckpt_dir is not None:
             restore_ddp(parts, env, ckpt_dir)
+        if tcfg.sid_softmax == "level" and tcfg.loss_on == "items" and not tcfg.lora:
+            parts.sid_levels = sid_levels(tokenizer, rows).to(env.device)
     return parts
 
 
