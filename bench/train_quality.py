@@ -1,8 +1,9 @@
-"""Alignment quality of a trained SID-LLM from the artifact store: SID -> title on a seeded sample of catalog
-items, exact-match rate and token F1 of the greedy answer, vs chance (the title of another random item).
-Next-item quality (HR/NDCG vs most-popular and SASRec) is `sidrec eval`.
+"""Alignment quality of trained SID-LLMs from their artifact stores, side by side: SID -> title on a seeded
+sample of catalog items (exact-match rate and token F1 of the greedy answer, vs chance: the title of another
+random item) and title -> SID (share of exact catalog titles whose item is in the top 5 of constrained beam
+search, beam 20). Next-item quality (HR/NDCG vs most-popular and SASRec) is `sidrec eval`.
 
-    python bench/train_quality.py --config tiny-cpu [--items 300]
+    python bench/train_quality.py --config tiny-cpu smollm2-cpu [--items 300]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import random
 import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,38 +29,29 @@ def token_f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny-cpu")
-    ap.add_argument("--items", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-
+def alignment_quality(name: str, overrides: list[str], n_items: int, seed: int) -> dict:
+    """SID -> title and title -> SID of one config's trained model (same seeded items for every config)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sidrec.config import load_config
     from sidrec.llm.instructions import TEMPLATES
     from sidrec.llm.sft import encode_prompt
+    from sidrec.recommender import Recommender
     from sidrec.store import ArtifactStore
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(name, overrides)
     store = ArtifactStore(cfg.store.root)
     sid_of, titles = store.sid_map(), store.titles()
-
-    model_dir = store.fetch_model_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    torch.set_num_threads(2)
-    rng = random.Random(args.seed)
-
-    items = rng.sample(sorted(sid_of), min(args.items, len(sid_of)))
-    template = TEMPLATES[cfg.instructions.language]["sid_to_title"][0]
-    exact = f1 = chance_f1 = 0.0
+    rec = Recommender.from_store(cfg.store.root, num_beams=20)
+    model, tok = rec.model, rec.tokenizer
+    rng = random.Random(seed)
+    items = rng.sample(sorted(i for i in sid_of if titles.get(i, "").strip()), min(n_items, len(sid_of)))
+    lang = TEMPLATES[cfg.instructions.language]
+    exact = f1 = chance_f1 = found = 0.0
+    t0 = time.perf_counter()
     for item in items:
-        ids = torch.tensor([encode_prompt(template.format(sid=sid_of[item]), tok, cfg.train.max_length - 48)])
+        ids = torch.tensor([encode_prompt(lang["sid_to_title"][0].format(sid=sid_of[item]), tok,
+                                          cfg.train.max_length - 48)])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)
@@ -66,19 +59,48 @@ def main() -> int:
         exact += answer == titles[item].strip()
         f1 += token_f1(answer, titles[item])
         chance_f1 += token_f1(titles[rng.choice(items)], titles[item])
+    for s in range(0, len(items), 16):
+        chunk = items[s:s + 16]
+        prompts = [encode_prompt(lang["title_to_sid"][0].format(title=titles[i].strip()), tok, rec.max_prompt_tokens)
+                   for i in chunk]
+        for item, hits in zip(chunk, rec.decoder.search(prompts, k=5), strict=True):
+            found += item in {i for h in hits for i in h.items}
     n = len(items)
-    result = {
-        "config": args.config, "items": n,
+    return {
+        "config": name, "overrides": overrides, "items": n, "model_version": store.require("model")["version"],
+        "base": store.require("base_model")["config"].get("base"),
         "sid_to_title": {"exact_match": exact / n, "token_f1": f1 / n, "chance_exact_match": 1 / len(sid_of),
                          "chance_token_f1": chance_f1 / n},
-        "model_version": store.require("model")["version"],
+        "title_to_sid": {"top5": found / n, "chance_top5": 5 / len(sid_of)},
+        "seconds": round(time.perf_counter() - t0, 1),
     }
-    s = result["sid_to_title"]
-    print(f"SID -> title on {n} items: exact {s['exact_match']:.3f} (chance {s['chance_exact_match']:.5f}), "
-          f"token F1 {s['token_f1']:.3f} (chance {s['chance_token_f1']:.3f})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", nargs="+", default=["tiny-cpu"], help="configs whose stores hold trained models")
+    ap.add_argument("--items", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("overrides", nargs="*", help="section.option=value, applied to every config")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = [alignment_quality(name, args.overrides, args.items, args.seed) for name in args.config]
+    print(f"alignment on {args.items} seeded catalog items (seed {args.seed})")
+    print("| config | SID->title exact | token F1 | chance F1 | title->SID in top 5 | chance | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        a, b = r["sid_to_title"], r["title_to_sid"]
+        print(f"| {r['config']} | {a['exact_match']:.3f} | {a['token_f1']:.3f} | {a['chance_token_f1']:.3f} | "
+              f"{b['top5']:.3f} | {b['chance_top5']:.4f} | {r['seconds']} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / f"train_quality_{args.config}.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = Path(args.out) / "train_quality.json"
+    out.write_text(json.dumps({"seed": args.seed, "command": "python bench/train_quality.py " + " ".join(
+        sys.argv[1:]), "results": results}, indent=2))
     print(f"wrote {out}")
     return 0
 

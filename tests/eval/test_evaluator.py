@@ -80,3 +80,17 @@ def test_eval_stage_end_to_end(trained_store):
     assert store.read_bytes(f"{path}/chart.png")[:4] == b"\x89PNG"
     # unchanged inputs: the stage is skipped
     assert evaluation.build(store, cfg)["version"] == manifest["version"]
+
+
+@pytest.mark.slow
+def test_different_histories_get_different_recommendations(trained_store):
+    """The model reads the history: users with unlike histories (sci-fi vs. children's films) get unlike lists,
+    not the same popular items."""
+    from sidrec.recommender import Recommender
+
+    _cfg, root = trained_store
+    rec = Recommender.from_store(root, num_beams=20)
+    scifi = ["50", "172", "181", "89", "82"]  # Star Wars, Empire Strikes Back, Return of the Jedi, Blade Runner, Jurassic Park
+    kids = ["1", "71", "95", "99", "143"]  # Toy Story, The Lion King, Aladdin, Snow White, The Sound of Music
+    a, b = rec.top_items([scifi, kids], k=10)
+    assert len(set(a) & set(b)) <= 7, (a, b)
