@@ -12,6 +12,7 @@ so re-running a build whose driver died resumes from the run's checkpoints in ``
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from typing import Any
@@ -27,6 +28,7 @@ from sidrec.llm.train.plot import loss_curve_png
 from sidrec.stages.run import run_stage, stage_fingerprint
 from sidrec.store import ArtifactStore, StageRun
 
+log = logging.getLogger("sidrec")
 INPUTS = ("instructions", "base_model", "sids")
 
 
@@ -107,6 +109,10 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
             result = fit_on_ray(store, tcfg, ds_cfg, cfg.quantize.codebook_size, name, sink)
         fit_seconds = time.perf_counter() - t0
         best_epoch, summary = export(store, run, result, name)
-        return stage_metrics(tcfg, summary, best_epoch, result.path, fit_seconds)
+        metrics = stage_metrics(tcfg, summary, best_epoch, result.path, fit_seconds)
+        log.info("%-13s %d steps in %.0f s, %.0f tokens/s, val loss %.4f (best epoch %d of %d)", "model",
+                 metrics["steps"], fit_seconds, metrics["tokens_per_s"] or 0.0, metrics["val_loss"] or float("nan"),
+                 best_epoch, metrics["epochs"])
+        return metrics
 
     return run_stage(store, "model", config, inputs, force, body)
