@@ -144,6 +144,10 @@ def _stored_sections(store: ArtifactStore, eval_stage: str) -> dict[str, dict]:
     return out
 
 
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def reconstruct_overrides(store: ArtifactStore, shipped: SidrecConfig, eval_stage: str) -> tuple[list[str], list[str]]:
     """(overrides that turn the shipped config into the one the stored stages ran under, notes)."""
     current = to_dict(shipped)
@@ -159,7 +163,7 @@ def reconstruct_overrides(store: ArtifactStore, shipped: SidrecConfig, eval_stag
                 notes.append(f"{key}={_yaml_value(was[key])}: not an option any more")
             elif key not in was:
                 notes.append(f"{key}: not recorded (option newer than the run)")
-            elif was[key] != now[key]:
+            elif _plain(was[key]) != _plain(now[key]):  # JSON stores tuples as lists
                 overrides.append(f"{key}={_yaml_value(was[key])}")
     return overrides, notes
 

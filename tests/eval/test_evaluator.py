@@ -82,14 +82,25 @@ def test_eval_stage_end_to_end(trained_store):
     assert evaluation.build(store, cfg)["version"] == manifest["version"]
 
 
+@pytest.fixture(scope="module")
+def quickstart_store(local_ray, tmp_path_factory):
+    """The shipped quickstart config's SIDs and training budget (300 steps), on the real ml-100k."""
+    from sidrec.config import load_config
+    from sidrec.pipeline import run
+    from tests.conftest import shared_data
+
+    root = tmp_path_factory.mktemp("quickstart") / "store"
+    run(load_config("quickstart", [f"store.root={root}", f"data.path={shared_data('ml-100k')}"]), until="model")
+    return str(root)
+
+
 @pytest.mark.slow
-def test_different_histories_get_different_recommendations(trained_store):
-    """The model reads the history: users with unlike histories (sci-fi vs. children's films) get unlike lists,
-    not the same popular items."""
+def test_different_histories_get_different_recommendations(quickstart_store):
+    """The quickstart model reads the history: users with unlike histories (sci-fi vs. children's films) get
+    unlike lists, not the same popular items."""
     from sidrec.recommender import Recommender
 
-    _cfg, root = trained_store
-    rec = Recommender.from_store(root, num_beams=20)
+    rec = Recommender.from_store(quickstart_store, num_beams=20)
     scifi = ["50", "172", "181", "89", "82"]  # Star Wars, Empire Strikes Back, Return of the Jedi, Blade Runner, Jurassic Park
     kids = ["1", "71", "95", "99", "143"]  # Toy Story, The Lion King, Aladdin, Snow White, The Sound of Music
     a, b = rec.top_items([scifi, kids], k=10)
