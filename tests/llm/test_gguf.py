@@ -58,7 +58,7 @@ def test_smollm2_config_fine_tunes_exports_and_recommends(local_ray, tmp_path):
     root = tmp_path / "store"
     cfg = load_config("smollm2-cpu", [
         f"store.root={root}", f"model.base={GGUF}", "data.format=movielens_100k",
-        f"data.path={shared_data('ml-100k')}", "embed.template=Title: {title}", "train.max_steps=2",
+        f"data.path={shared_data('ml-100k')}", 'embed.template="{title}"', "train.max_steps=2",
         "train.batch_size=2", "train.max_length=96", "train.max_val_rows=4",
         "instructions.task_weights={next_item: 1.0, sid_to_title: 0.01, title_to_sid: 0.01}",
     ])
