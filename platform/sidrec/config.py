@@ -164,19 +164,27 @@ class QuantizerConfig(Section):
     codebook_size: int = opt(CODEBOOK_SIZE, "codes per level; every code is in [0, K)", ge=2)
     latent_dim: int = opt(32, "RQ-VAE latent width (unused by rqkmeans)", ge=1)
     hidden_dims: tuple[int, ...] = opt((512, 256, 128), "RQ-VAE encoder widths D -> h1 -> ... -> latent_dim")
-    epochs: int = opt(200, "RQ-VAE passes over the catalog (cost grows with items * epochs)", ge=1)
-    batch_size: int = opt(1024, "RQ-VAE minibatch size", ge=1)
+    epochs: int = opt(15, "RQ-VAE: most passes over the catalog, warm-up included (cost ~ items * epochs)", ge=1)
+    warmup_epochs: int = opt(3, "RQ-VAE: plain-autoencoder epochs before k-means of the latents seeds codebooks", ge=0)
+    batch_size: int = opt(256, "RQ-VAE minibatch size", ge=1)
     lr: float = opt(1e-3, "RQ-VAE Adam learning rate", gt=0)
     commitment_weight: float = opt(0.25, "beta of the commitment loss: how hard the encoder is pulled to its codes",
                                    ge=0)
     kmeans_iters: int = opt(50, "Lloyd iterations of k-means (RQ-VAE codebook init, every RQ-KMeans level)", ge=1)
+    init_samples: int = opt(4096, "RQ-VAE: random items whose latents seed the codebooks (k-means)", ge=1)
+    patience: int = opt(3, "RQ-VAE: stop after this many epochs with no min_delta loss drop (0 = never)", ge=0)
+    min_delta: float = opt(0.005, "RQ-VAE: relative drop of the epoch loss below its best that counts", ge=0)
     dead_code_reseed: bool = opt(True, "RQ-VAE: move codes unused in an epoch onto random residuals")
+    repair_dead_codes: bool = opt(True, "RQ-VAE: at the end, move codes no item uses onto the farthest residuals")
     normalize_input: bool = opt(True, "L2-normalise embeddings first (their norm is noise for cosine)")
+    num_threads: int = opt(1, "torch CPU threads of the fit (0 = as set); fixed: same SIDs on any CPU count", ge=0)
     seed: int = opt(0, "seed of weight init, k-means++ and batch order", ge=0)
 
     def check(self) -> None:
         if any(h < 1 for h in self.hidden_dims):
             self.fail("hidden_dims", "a list of ints >= 1")
+        if self.method == "rqvae" and self.warmup_epochs >= self.epochs:
+            self.fail("warmup_epochs", f"< epochs ({self.epochs})")
 
 
 @dataclass

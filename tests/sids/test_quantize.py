@@ -39,8 +39,8 @@ def clustered(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (x[perm] * 3.0).astype(np.float32), labels[perm]  # scale: normalize_input must undo it
 
 
-SMALL = dict(levels=3, codebook_size=8, latent_dim=16, hidden_dims=(64, 32), epochs=30, batch_size=256,
-             lr=3e-3, kmeans_iters=20)
+SMALL = dict(levels=3, codebook_size=8, latent_dim=16, hidden_dims=(64, 32), epochs=30, warmup_epochs=1,
+             batch_size=256, lr=3e-3, kmeans_iters=20, patience=0)  # a fixed schedule: no early stopping
 
 
 def small_cfg(method: str, **kw) -> QuantizerConfig:
@@ -140,6 +140,24 @@ def test_dead_codes_reseeded_from_batch_residuals():
     assert rq.reseed_dead_codes() == 0
 
 
+def test_repair_moves_unused_codes_onto_farthest_residuals():
+    rq = ResidualQuantizer(levels=2, codebook_size=4, dim=2)
+    rq.codebooks.data[0] = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [-50.0, 0.0]])
+    rq.codebooks.data[1] = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [-0.1, 0.0]])
+    rq.initialized.fill_(True)
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [2.0, 2.0], [0.5, 0.0]])
+    before = rq.encode(z)
+    assert sorted(set(before[:, 0].tolist())) == [0]  # level 0: codes 1-3 unused
+    moved = rq.repair_dead_codes(z)
+    codes = rq.encode(z)
+    # the three residuals farthest from code 0 ([0,3], [2,2], [1,0]) became codes 1, 2, 3 in that order
+    assert torch.equal(rq.codebooks.data[0, 1:], torch.tensor([[0.0, 3.0], [2.0, 2.0], [1.0, 0.0]]))
+    assert sorted(set(codes[:, 0].tolist())) == [0, 1, 2, 3]
+    # level 1 after the repair: only [0.5, 0] is off its level-0 code -> one live code + one moved there
+    assert moved >= 3 and len(set(codes[:, 1].tolist())) >= 2
+    assert rq.repair_dead_codes(z[:0]) == 0  # no items: nothing to move
+
+
 # ---------------------------------------------------------------------------------------------- fitted models
 
 
@@ -177,8 +195,9 @@ def test_fitted_models_are_in_eval_mode_with_history(fitted):
     assert not fitted["rqvae"].training and not fitted["rqkmeans"].training
     h = fitted["rqvae"].history
     assert [r["epoch"] for r in h] == list(range(SMALL["epochs"]))
-    assert h[-1]["loss"] < h[0]["loss"]
-    assert set(h[0]) >= {"loss", "recon", "commit", "reseeded"}
+    assert h[-1]["loss"] < h[1]["loss"]  # h[0] is the warm-up epoch: no quantizer, a smaller loss
+    assert set(h[0]) >= {"loss", "recon", "commit", "reseeded", "warmup"} and "repaired" in h[-1]
+    assert [r["warmup"] for r in h[:2]] == [True, False] and h[0]["commit"] == 0.0 and h[0]["reseeded"] == 0
     mse = [r["mse"] for r in fitted["rqkmeans"].history]
     assert len(mse) == 3 and mse == sorted(mse, reverse=True)
 
@@ -189,8 +208,10 @@ def test_determinism_same_seed_same_codes(fitted, data, method):
     again = fit_quantizer(x, small_cfg(method))
     np.testing.assert_array_equal(encode_codes(again, x), encode_codes(fitted[method], x))
     before = torch.random.get_rng_state()
-    fit_quantizer(x[:300], small_cfg(method, epochs=2, seed=1))
+    threads = torch.get_num_threads()
+    fit_quantizer(x[:300], small_cfg(method, epochs=2, seed=1, num_threads=threads + 1))
     assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
+    assert torch.get_num_threads() == threads  # and the thread count restored
 
 
 @pytest.mark.parametrize("method", ["rqvae", "rqkmeans"])
@@ -262,6 +283,53 @@ def test_progress_callback_and_normalization(data):
     np.testing.assert_array_equal(encode_codes(q, x, batch_size=37), encode_codes(q, x))
 
 
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_early_stopping_on_loss_plateau(data):
+    x, _ = data
+    # min_delta 0.9: no epoch after the first quantised one counts as progress -> stop `patience` epochs later
+    q = fit_quantizer(x[:600], small_cfg("rqvae", epochs=30, warmup_epochs=2, patience=2, min_delta=0.9))
+    assert [r["epoch"] for r in q.history] == [0, 1, 2, 3, 4]
+    assert "repaired" in q.history[-1] and q.history[-1]["reseeded"] == 0  # no reseed after the last epoch
+    full = fit_quantizer(x[:600], small_cfg("rqvae", epochs=6, warmup_epochs=2, patience=0, min_delta=0.9))
+    assert len(full.history) == 6
+
+
+def test_old_schedule_is_reproducible(data):
+    """warmup 0, init on one batch, no repair, no early stopping: the pre-issue-10 loop, step for step."""
+    x, _ = data
+    cfg = small_cfg("rqvae", epochs=4, warmup_epochs=0, init_samples=SMALL["batch_size"],
+                    repair_dead_codes=False, patience=0)
+    ref = build_quantizer(DIM, cfg)
+    xt = ref.prepare(torch.from_numpy(x))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ref.train()
+    first = torch.randperm(len(xt), generator=gen)[: cfg.batch_size]
+    with torch.no_grad():
+        ref.quantizer.init_codebooks(ref.encoder(xt[first]), cfg.kmeans_iters, gen)
+    opt = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), cfg.batch_size):
+            loss = ref(xt[perm[start:start + cfg.batch_size]])[2]["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if epoch < cfg.epochs - 1:
+            ref.quantizer.reseed_dead_codes(gen)
+    np.testing.assert_array_equal(encode_codes(fit_quantizer(x, cfg), x), encode_codes(ref, x))
+
+
+def test_default_fit_uses_its_threads_and_every_code(data):
+    x, _ = data
+    seen = []
+    q = fit_quantizer(x, QuantizerConfig(codebook_size=16), progress=lambda s, r: seen.append(torch.get_num_threads()))
+    assert set(seen) == {QuantizerConfig().num_threads}
+    codes = encode_codes(q, x)
+    assert all(len(np.unique(codes[:, lvl])) == 16 for lvl in range(3))  # repair: no unused code is left
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
@@ -270,7 +338,8 @@ def test_progress_callback_and_normalization(data):
     [("method", "pq"), ("levels", 0), ("codebook_size", 1), ("latent_dim", 0), ("hidden_dims", (64, 0)),
      ("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("commitment_weight", -1.0),
      ("kmeans_iters", 0), ("dead_code_reseed", "yes"), ("normalize_input", 1), ("seed", -1),
-     ("levels", 2.5), ("levels", True)],
+     ("levels", 2.5), ("levels", True), ("warmup_epochs", -1), ("warmup_epochs", 200), ("init_samples", 0),
+     ("patience", -1), ("min_delta", -0.1), ("repair_dead_codes", "no"), ("num_threads", -1)],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ConfigError, match=rf"^quantize\.{field} must be"):

@@ -4,7 +4,9 @@ Two methods, one API:
 
 - ``RQVAE`` (TIGER, Rajput et al. 2023): MLP encoder -> residual quantizer with L codebooks -> MLP
   decoder, trained to reconstruct the (L2-normalised) embedding. The codes are the nearest codebook
-  entries, level by level, of the encoder's latent and its residuals.
+  entries, level by level, of the encoder's latent and its residuals. Training: a few plain-autoencoder
+  warm-up epochs, codebooks seeded by k-means of the settled latents, joint training with dead-code
+  reseeding until the epoch loss plateaus (or ``epochs``), then unused codes are moved onto residuals.
 - ``RQKMeans``: the same residual scheme without a network: k-means on the embeddings, then k-means
   on what is left, L times. No gradient training, strong baseline, very fast to fit.
 
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -225,6 +228,30 @@ class ResidualQuantizer(nn.Module):
         self.usage.zero_()
         return moved
 
+    @torch.no_grad()
+    def repair_dead_codes(self, z: torch.Tensor, rounds: int = 3) -> int:
+        """After training: move codes that no row of z [N, d] (all items' latents) uses onto the level's
+        residuals farthest from their code, level by level, so that every code names some item where the
+        catalog allows it. No randomness: the farthest residuals are taken in a stable order.
+
+        Returns how many codes moved.
+        """
+        moved, residual = 0, z.detach()
+        for lvl in range(self.levels):
+            cb = self.codebooks.data[lvl]
+            idx, d2 = nearest_code(residual, cb)
+            for _ in range(rounds):  # a moved code can take the last item of another one
+                dead = (torch.bincount(idx, minlength=self.codebook_size) == 0).nonzero().squeeze(1)
+                far = torch.sort(d2, descending=True, stable=True).indices[: len(dead)]
+                far = far[d2[far] > 0]
+                if len(far) == 0:
+                    break
+                cb[dead[: len(far)]] = residual[far]
+                moved += len(far)
+                idx, d2 = nearest_code(residual, cb)
+            residual = residual - cb[idx]
+        return moved
+
 
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -261,6 +288,17 @@ class RQVAE(nn.Module):
         x_hat = self.decoder(z_q)
         recon = (x_hat - x).pow(2).sum(-1).mean()
         return x_hat, codes, {"loss": recon + commit, "recon": recon, "commit": commit}
+
+    def autoencoder_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Warm-up losses, quantizer bypassed: recon = mean_b ||decoder(encoder(x)) - x||^2, commit = 0."""
+        x = self.prepare(x)
+        recon = (self.decoder(self.encoder(x)) - x).pow(2).sum(-1).mean()
+        return {"loss": recon, "recon": recon, "commit": recon.new_zeros(())}
+
+    @torch.no_grad()
+    def latents(self, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+        """x [N, D] -> encoder outputs [N, latent_dim], in batches."""
+        return torch.cat([self.encoder(self.prepare(xb)) for xb in x.split(batch_size)])
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -363,14 +401,29 @@ def build_quantizer(input_dim: int, cfg: QuantizerConfig) -> Quantizer:
         return RQVAE(input_dim, cfg)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with n torch CPU (intra-op) threads, then restore the old count; n <= 0: unchanged."""
+    old = torch.get_num_threads()
+    if n <= 0 or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def fit_quantizer(embeddings: np.ndarray, cfg: QuantizerConfig,
                   progress: Callable[[int, dict], None] | None = None,
                   device: str | torch.device | None = None) -> Quantizer:
     """Fit cfg.method on embeddings [N, D]; returns the model in eval mode with ``history`` filled.
 
     progress(step, record) is called after every RQ-VAE epoch (record: epoch, loss, recon, commit,
-    reseeded) or every RQ-KMeans level (record: level, mse, used). Deterministic given cfg.seed on a
-    fixed device and thread count.
+    reseeded, warmup; the last one also repaired) or every RQ-KMeans level (record: level, mse, used).
+    Runs on cfg.num_threads CPU threads. Deterministic given cfg.seed on a fixed device (and, with
+    num_threads=0, a fixed torch thread count).
     """
     x = _as_tensor(embeddings)
     if x.shape[0] == 0:
@@ -378,40 +431,60 @@ def fit_quantizer(embeddings: np.ndarray, cfg: QuantizerConfig,
     if not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or inf")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    model = build_quantizer(x.shape[1], cfg).to(dev)
-    if isinstance(model, RQKMeans):
-        return model.fit(x, progress).eval()
+    with torch_threads(cfg.num_threads):
+        model = build_quantizer(x.shape[1], cfg).to(dev)
+        if isinstance(model, RQKMeans):
+            return model.fit(x, progress).eval()
+        _train_rqvae(model, model.prepare(x.to(dev)), cfg, progress)
+    return model.eval()
 
+
+def _train_rqvae(model: RQVAE, x: torch.Tensor, cfg: QuantizerConfig,
+                 progress: Callable[[int, dict], None] | None) -> None:
+    """Warm-up epochs (autoencoder only), codebook seeding, joint epochs until the loss plateaus."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    x = model.prepare(x.to(dev))
     model.train()
-    # codebooks start as residual k-means of one random batch of initial latents
-    first = torch.randperm(len(x), generator=gen)[: cfg.batch_size].to(dev)
-    with torch.no_grad():
-        model.quantizer.init_codebooks(model.encoder(x[first]), cfg.kmeans_iters, gen)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    n = len(x)
+    best, stale = math.inf, 0
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen).to(dev)
-        sums = torch.zeros(3, device=dev)
-        for start in range(0, n, cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            _, _, parts = model(x[idx])
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            opt.step()
-            sums += torch.stack([parts["loss"], parts["recon"], parts["commit"]]).detach() * len(idx)
-        # a reseed after the last epoch would leave codes the decoder never trained on
-        reseeded = 0
-        if cfg.dead_code_reseed and epoch < cfg.epochs - 1:
-            reseeded = model.quantizer.reseed_dead_codes(gen)
-        loss, recon, commit = (sums / n).tolist()
-        rec = {"epoch": epoch, "loss": loss, "recon": recon, "commit": commit, "reseeded": reseeded}
+        warm = epoch < cfg.warmup_epochs
+        if epoch == cfg.warmup_epochs:  # codebooks start as residual k-means of a random subset's latents
+            with torch.no_grad():
+                first = torch.randperm(len(x), generator=gen)[: cfg.init_samples].to(x.device)
+                model.quantizer.init_codebooks(model.encoder(x[first]), cfg.kmeans_iters, gen)
+        loss, recon, commit = _rqvae_epoch(model, x, opt, cfg.batch_size, gen, warm)
+        rec = {"epoch": epoch, "loss": loss, "recon": recon, "commit": commit, "reseeded": 0, "warmup": warm}
+        if not warm:  # warm-up losses lack the quantizer: not comparable
+            best, stale = (loss, 0) if loss < best * (1 - cfg.min_delta) else (best, stale + 1)
+        last = epoch == cfg.epochs - 1 or (cfg.patience > 0 and stale >= cfg.patience)
+        # a reseed after the last epoch would leave codes the decoder never trained on; the repair only
+        # moves codes no item uses onto real residuals (items whose z_q then gets closer to z)
+        if cfg.dead_code_reseed and not warm and not last:
+            rec["reseeded"] = model.quantizer.reseed_dead_codes(gen)
+        if last and cfg.repair_dead_codes:
+            rec["repaired"] = model.quantizer.repair_dead_codes(model.latents(x))
         model.history.append(rec)
         if progress is not None:
             progress(epoch, rec)
+        if last:
+            break
     model.quantizer._last_residuals = []
-    return model.eval()
+
+
+def _rqvae_epoch(model: RQVAE, x: torch.Tensor, opt: torch.optim.Optimizer, batch_size: int,
+                 gen: torch.Generator, warmup: bool) -> tuple[float, float, float]:
+    """One shuffled pass; returns the item-weighted mean (loss, recon, commit)."""
+    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    sums = torch.zeros(3, device=x.device)
+    for start in range(0, len(x), batch_size):
+        xb = x[perm[start:start + batch_size]]
+        parts = model.autoencoder_losses(xb) if warmup else model(xb)[2]
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        sums += torch.stack([parts["loss"], parts["recon"], parts["commit"]]).detach() * len(xb)
+    loss, recon, commit = (sums / len(x)).tolist()
+    return loss, recon, commit
 
 
 def _device_of(q: Quantizer) -> torch.device:

@@ -31,7 +31,7 @@ def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, sink
     fit_s = time.perf_counter() - t0
     for name, blob in quantizer_to_bytes(q).items():
         store.write_bytes(f"{out_path}/{name}", blob)
-    return {"items": len(emb), "fit_seconds": round(fit_s, 3),
+    return {"items": len(emb), "fit_seconds": round(fit_s, 3), "epochs_run": len(q.history),
             "reconstruction_mse": float(reconstruction_error(q, emb))}
 
 
@@ -43,7 +43,8 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
 
     def body(run: StageRun) -> dict:
         init_ray(cfg.ray)
-        task = ray.remote(num_cpus=1)(_train_quantizer)
+        # reserve the CPUs the fit's torch threads will use (Ray also sets OMP_NUM_THREADS to this)
+        task = ray.remote(num_cpus=max(1, cfg.quantize.num_threads))(_train_quantizer)
         steps = cfg.quantize.epochs if cfg.quantize.method == "rqvae" else cfg.quantize.levels
         with console.progress("quantizer fit", total=steps, unit="epoch") as sink:
             return ray.get(task.remote(store.root, run.path, cfg.quantize, sink))
