@@ -57,11 +57,11 @@ def ray_pipeline(catalog, cfg: EmbedConfig, root: str) -> tuple[float, np.ndarra
 
 
 # the RQ-VAE defaults before issue 10 (200 epochs of 4 batches, codebooks seeded from one batch, no warm-up,
-# no repair, no early stopping): exactly the old loop, see tests/sids/test_quantize.py::
+# no repair, no early stopping, no step floor): exactly the old loop, see tests/sids/test_quantize.py::
 # test_old_schedule_is_reproducible. The old fit also ran on torch's own thread count (all cores): that row
 # is opt-in (--old-threads) because on a loaded machine it can take an hour (oversubscribed OpenMP threads).
 OLD_RQVAE = dict(method="rqvae", epochs=200, warmup_epochs=0, batch_size=1024, init_samples=1024, patience=0,
-                 repair_dead_codes=False)
+                 min_steps=0, repair_dead_codes=False)
 VARIANTS = {
     "rqvae (old defaults, torch threads)": {**OLD_RQVAE, "num_threads": 0},
     "rqvae (old defaults, 1 thread)": {**OLD_RQVAE, "num_threads": 1},

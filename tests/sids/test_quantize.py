@@ -40,7 +40,7 @@ def clustered(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 SMALL = dict(levels=3, codebook_size=8, latent_dim=16, hidden_dims=(64, 32), epochs=30, warmup_epochs=1,
-             batch_size=256, lr=3e-3, kmeans_iters=20, patience=0)  # a fixed schedule: no early stopping
+             batch_size=256, lr=3e-3, kmeans_iters=20, patience=0, min_steps=0)  # a fixed schedule
 
 
 def small_cfg(method: str, **kw) -> QuantizerConfig:
@@ -296,11 +296,19 @@ def test_early_stopping_on_loss_plateau(data):
     assert len(full.history) == 6
 
 
+def test_min_steps_adds_epochs_for_small_catalogs(data):
+    x, _ = data
+    # 600 items in batches of 256: 3 steps a pass; 2 epochs make 6 < 10 steps -> 4 epochs (12 steps)
+    q = fit_quantizer(x[:600], small_cfg("rqvae", epochs=2, min_steps=10))
+    assert len(q.history) == 4
+    assert len(fit_quantizer(x[:600], small_cfg("rqvae", epochs=5, min_steps=10)).history) == 5
+
+
 def test_old_schedule_is_reproducible(data):
     """warmup 0, init on one batch, no repair, no early stopping: the pre-issue-10 loop, step for step."""
     x, _ = data
     cfg = small_cfg("rqvae", epochs=4, warmup_epochs=0, init_samples=SMALL["batch_size"],
-                    repair_dead_codes=False, patience=0)
+                    repair_dead_codes=False, patience=0, min_steps=0)
     ref = build_quantizer(DIM, cfg)
     xt = ref.prepare(torch.from_numpy(x))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -339,7 +347,8 @@ def test_default_fit_uses_its_threads_and_every_code(data):
      ("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("commitment_weight", -1.0),
      ("kmeans_iters", 0), ("dead_code_reseed", "yes"), ("normalize_input", 1), ("seed", -1),
      ("levels", 2.5), ("levels", True), ("warmup_epochs", -1), ("warmup_epochs", 200), ("init_samples", 0),
-     ("patience", -1), ("min_delta", -0.1), ("repair_dead_codes", "no"), ("num_threads", -1)],
+     ("patience", -1), ("min_delta", -0.1), ("repair_dead_codes", "no"), ("num_threads", -1),
+     ("min_steps", -1)],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ConfigError, match=rf"^quantize\.{field} must be"):

@@ -441,12 +441,14 @@ def fit_quantizer(embeddings: np.ndarray, cfg: QuantizerConfig,
 
 def _train_rqvae(model: RQVAE, x: torch.Tensor, cfg: QuantizerConfig,
                  progress: Callable[[int, dict], None] | None) -> None:
-    """Warm-up epochs (autoencoder only), codebook seeding, joint epochs until the loss plateaus."""
+    """Warm-up epochs (autoencoder only), codebook seeding, joint epochs until the loss plateaus; at least
+    cfg.epochs of them (fewer on a plateau), more if that many passes make fewer than cfg.min_steps steps."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     best, stale = math.inf, 0
-    for epoch in range(cfg.epochs):
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / math.ceil(len(x) / cfg.batch_size)))
+    for epoch in range(epochs):
         warm = epoch < cfg.warmup_epochs
         if epoch == cfg.warmup_epochs:  # codebooks start as residual k-means of a random subset's latents
             with torch.no_grad():
@@ -456,7 +458,7 @@ def _train_rqvae(model: RQVAE, x: torch.Tensor, cfg: QuantizerConfig,
         rec = {"epoch": epoch, "loss": loss, "recon": recon, "commit": commit, "reseeded": 0, "warmup": warm}
         if not warm:  # warm-up losses lack the quantizer: not comparable
             best, stale = (loss, 0) if loss < best * (1 - cfg.min_delta) else (best, stale + 1)
-        last = epoch == cfg.epochs - 1 or (cfg.patience > 0 and stale >= cfg.patience)
+        last = epoch == epochs - 1 or (cfg.patience > 0 and stale >= cfg.patience)
         # a reseed after the last epoch would leave codes the decoder never trained on; the repair only
         # moves codes no item uses onto real residuals (items whose z_q then gets closer to z)
         if cfg.dead_code_reseed and not warm and not last:
