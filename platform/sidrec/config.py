@@ -310,7 +310,7 @@ class TrainConfig(Section):
     train_on_valid: bool = opt(False, "also train next-item on the valid examples (never test)")
     sid_softmax: Literal["level", "full"] = opt(
         "level", "history SID labels (loss_on=items): level = softmax over that level's SID tokens only (all the "
-        "trie allows there; ~2.5x cheaper steps on the tiny model), full = over the whole vocabulary; the "
+        "trie allows there; 2.5x cheaper steps on the quickstart model, bench/sid_softmax.py), full = over the whole vocabulary; the "
         "response always uses the full vocabulary. DDP without LoRA only; otherwise full")
     loss_on: Literal["response", "items"] = opt(
         "items", "next-item rows: response = the answer's tokens only; items = also every history item's SID "

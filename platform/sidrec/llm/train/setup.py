@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sidrec.config import TrainConfig
+from sidrec.llm.train.data import sid_token_ids
 from sidrec.llm.train.ds_config import zero_stage
 from sidrec.llm.train.loss import SidLevels
-from sidrec.sids.tokens import is_sid_token
 
 log = logging.getLogger("sidrec.train")
 
@@ -114,8 +114,7 @@ def load_model(weights_dir: str, tokenizer: PreTrainedTokenizerBase, tcfg: Train
         raise RuntimeError(f"base model has {rows} embedding rows for {len(tokenizer)} tokens")
     model.config.use_cache = False
     if tcfg.lora:
-        sid_ids = [i for t, i in tokenizer.get_vocab().items() if is_sid_token(t)]
-        model = apply_lora(model, tcfg, sid_ids)
+        model = apply_lora(model, tcfg, sorted(sid_token_ids(tokenizer)))
     return model, rows
 
 
