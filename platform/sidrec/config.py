@@ -415,7 +415,8 @@ class ServeSettings(Section):
     scoring: Literal["raw", "renormalized"] = opt("raw", "beam scores: raw log-probs or renormalized")
     device: str | None = opt(None, "torch device; default cuda if available, else cpu")
     api_key: str | None = opt(None, "key of the admin endpoints (X-API-Key); at least 8 characters")
-    api_key_env: str | None = opt(None, "env var holding the admin key (admin disabled when it is unset)")
+    api_key_env: str | None = opt("SIDREC_API_KEY", "env var on the replicas holding the admin key when "
+                                  "api_key is unset; with neither, the admin endpoints answer 403")
     max_batch_size: int = opt(16, "most requests decoded together by @serve.batch", ge=1, le=1024)
     batch_wait_timeout_s: float = opt(0.01, "longest wait for a batch to fill", ge=0, le=5)
     torch_threads: int | None = opt(None, "torch threads per replica (default: its CPUs, rounded up)", ge=1)

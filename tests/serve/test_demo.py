@@ -52,6 +52,8 @@ def test_serve_demo_answers_a_real_test_user(trained_store):
     out = "\n".join(lines)
     assert f"test user {user['user_id']}" in out and items[0]["title"] in out
     assert "serving until Ctrl-C" not in out
+    key_line = next(line for line in lines if "X-API-Key:" in line)  # the run's own admin key, shown to its user
+    assert len(key_line.rsplit("X-API-Key: ", 1)[1].rstrip("'")) >= 20
 
 
 def _alive(pids: list[int]) -> list[int]:

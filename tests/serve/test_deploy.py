@@ -161,7 +161,7 @@ def test_serve_deploy_local_yaml_and_reload_under_load(trained_store, tmp_path):
     rec["user_config"]["store_root"] = root
     conf = tmp_path / "local.yaml"
     conf.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS") and k != "SIDREC_API_KEY"}
     env.update(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PYTHONUNBUFFERED="1")
     serve_cli = _cli("serve", "from ray.serve.scripts import cli; cli()")
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -174,6 +174,12 @@ def test_serve_deploy_local_yaml_and_reload_under_load(trained_store, tmp_path):
         body = _wait_ok(f"{url}/v1/recommend", {"history": ["1", "2"], "k": 5}, 240)
         t_ready = time.perf_counter() - t0
         assert len(body["items"]) == 5
+        # the shipped YAML sets no admin key: the admin endpoint is locked for every client, key or not
+        new = {"items": [{"item_id": "new-1", "title": "A new film (2031)"}]}
+        for headers in ({}, {"X-API-Key": "guessed-key-123"}):
+            r = httpx.post(f"{url}/v1/items", json=new, headers=headers, timeout=30)
+            assert r.status_code == 403 and r.json()["error"] == "admin_disabled", r.text
+        assert httpx.get(f"{url}/v1/items/new-1", timeout=30).status_code == 404
         # bound to loopback only, as the YAML says
         ip = _outward_ip()
         if ip and not ip.startswith("127."):

@@ -252,12 +252,19 @@ def test_check_api_key():
         out = check_api_key(settings, given, env or {})
         return None if out is None else (out["status"], out["error"]["error"])
 
-    open_ = section_from_dict(ServeSettings, {"store_root": "/x"})
+    unset = section_from_dict(ServeSettings, {"store_root": "/x"})
     keyed = section_from_dict(ServeSettings, {"store_root": "/x", "api_key": "secret-key"})
     by_env = section_from_dict(ServeSettings, {"store_root": "/x", "api_key_env": "SIDREC_TEST_KEY"})
-    assert code(None, None) is None and code(open_, None) is None
+    # locked by default: no key configured = disabled for everyone, with or without a key in the request
+    for given in (None, "", "anything", "secret-key"):
+        assert code(None, given) == (403, "admin_disabled") and code(unset, given) == (403, "admin_disabled")
+    assert "SIDREC_API_KEY" in check_api_key(unset, None, {})["error"]["detail"]
+    # the default variable is SIDREC_API_KEY; user_config.api_key wins over it
+    assert code(unset, None, {"SIDREC_API_KEY": "from-env-1"}) == (401, "missing_api_key")
+    assert code(unset, "from-env-1", {"SIDREC_API_KEY": "from-env-1"}) is None
+    assert code(keyed, "from-env-1", {"SIDREC_API_KEY": "from-env-1"}) == (403, "invalid_api_key")
     assert code(keyed, None) == (401, "missing_api_key") and code(keyed, "nope") == (403, "invalid_api_key")
-    assert code(keyed, "secret-key") is None
+    assert code(keyed, "secret-key") is None and code(keyed, "secret-key ") == (403, "invalid_api_key")
     assert code(by_env, "x") == (403, "admin_disabled")
     assert code(by_env, "env-secret", {"SIDREC_TEST_KEY": "env-secret"}) is None
     assert code(by_env, "other", {"SIDREC_TEST_KEY": "env-secret"}) == (403, "invalid_api_key")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -71,8 +72,9 @@ def _ask(cfg: SidrecConfig, port: int, echo: Echo) -> dict[str, Any]:
     console.quiet_ray()  # Serve's driver logger exists once ray.serve is imported
     titles = ArtifactStore(cfg.store.root).titles()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"store_root": cfg.store.root, "num_cpus": DEMO_CPUS}), name="sidrec", route_prefix="/",
-              blocking=False)
+    admin_key = secrets.token_urlsafe(18)  # this demo's own: the admin endpoints stay locked to anyone else
+    serve.run(build_app({"store_root": cfg.store.root, "num_cpus": DEMO_CPUS, "api_key": admin_key}), name="sidrec",
+              route_prefix="/", blocking=False)
     user = demo_user(cfg)
     body = {"history": user["history"], "k": 5, "exclude_history": cfg.eval.exclude_history}
     t0 = time.perf_counter()
@@ -86,6 +88,7 @@ def _ask(cfg: SidrecConfig, port: int, echo: Echo) -> dict[str, Any]:
     for it in answer["items"]:
         echo(f"    {it['item_id']:>8}  {it['sid']}  {it['score']:8.3f}  {it['title']}")
     echo(f"(held-out next item: {user['target']} {titles.get(user['target'], '?')})")
+    echo(f"admin (POST /v1/items) takes this run's key: -H 'X-API-Key: {admin_key}'")
     return answer
 
 

@@ -29,6 +29,7 @@ from sidrec.recommender import Recommender
 from sidrec.serve.handling import (
     Reply,
     add_new_items,
+    admin_key,
     check_api_key,
     item_info,
     new_items_problem,
@@ -127,7 +128,7 @@ class RecommenderDeployment:
         for fn in (self.recommend_batch, self.search_batch):
             fn.set_max_batch_size(settings.max_batch_size)
             fn.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        self._warn_if_open(settings)
+        self._note_admin_state(settings)
         try:
             versions = await asyncio.to_thread(store_versions, settings.store_root)
             if (self._rec is not None and self._settings is not None
@@ -153,12 +154,12 @@ class RecommenderDeployment:
         log.info("sidrec: serving model %s from %s (load #%d)", rec.model_version, settings.store_root,
                  self._loads)
 
-    def _warn_if_open(self, settings: ServeSettings) -> None:
-        prev = self._settings
-        if settings.api_key is None and settings.api_key_env is None and (
-                prev is None or prev.api_key is not None or prev.api_key_env is not None):
-            log.warning("sidrec: no api_key configured: POST /v1/items is open to every client that can "
-                        "reach the service")
+    def _note_admin_state(self, settings: ServeSettings) -> None:
+        """Say, when it changes, whether the admin endpoints are on (never the key itself)."""
+        on = admin_key(settings) is not None
+        if self._settings is None or on != (admin_key(self._settings) is not None):
+            log.info("sidrec: admin endpoints %s", "enabled (X-API-Key)" if on else
+                     "disabled: no api_key or api_key_env key configured, POST /v1/items answers 403")
 
     def _load(self, settings: ServeSettings, versions: dict[str, str]) -> tuple[Recommender, ItemEncoder]:
         """Runs in a thread while the current model keeps serving."""

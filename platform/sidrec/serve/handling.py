@@ -166,18 +166,25 @@ def item_info(rec: Recommender, item_id: str, added: AddedItems) -> Reply:
             "source": "added" if item_id in added else "catalog", "model_version": rec.model_version}
 
 
+def admin_key(settings: ServeSettings | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The admin key in force: ``settings.api_key``, else the ``settings.api_key_env`` variable, else None."""
+    if settings is None:
+        return None
+    if settings.api_key is not None:
+        return settings.api_key
+    return (environ.get(settings.api_key_env) or None) if settings.api_key_env else None
+
+
 def check_api_key(settings: ServeSettings | None, given: str | None,
                   environ: Mapping[str, str] = os.environ) -> Reply | None:
-    """None when the admin call may proceed, else its 401/403. ``api_key_env`` names an environment
-    variable holding the key; when it is set but the variable is missing, the admin endpoints are off."""
-    expected = settings.api_key if settings is not None else None
-    if settings is not None and settings.api_key_env:
-        expected = environ.get(settings.api_key_env) or None
-        if expected is None:
-            return error(403, "admin_disabled", f"admin endpoints are disabled: the environment variable "
-                         f"{settings.api_key_env} is not set on the replica")
+    """None when the admin call may proceed, else its 401/403. Locked by default: the key is
+    ``settings.api_key``, else the replica's ``settings.api_key_env`` variable; with neither, 403. The
+    comparison takes constant time, and the key is never logged or echoed."""
+    expected = admin_key(settings, environ)
     if expected is None:
-        return None
+        where = f" or the {settings.api_key_env} environment variable" if settings and settings.api_key_env else ""
+        return error(403, "admin_disabled", f"admin endpoints are disabled: no key is configured (set the "
+                     f"deployment's user_config.api_key{where} on the replicas)")
     if not given:
         return error(401, "missing_api_key", "this endpoint needs an X-API-Key header")
     if not hmac.compare_digest(given.encode(), expected.encode()):
