@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from sidrec.config import CONFIG_DIR, METRIC_KS, ConfigError, SidrecConfig, load_config, to_dict
+from sidrec.eval.published import FORMAT_DATASET, PUBLISHED, PUBLISHED_SOURCE
 from sidrec.store import ArtifactStore, resolve_fs
 
 log = logging.getLogger("bench.quality")
@@ -65,45 +66,12 @@ SPECS = (
     Spec("smollm2-cpu", "amazon-industrial", (SID_LLM,)),
     Spec("amazon14-beauty", "amazon14-beauty"),
 )
-FORMAT_DATASET = {"movielens_100k": "ml-100k", "amazon_prepared": "amazon-industrial",
-                  "amazon14_beauty": "amazon14-beauty"}
 DATASETS = {
     "ml-100k": ("MovieLens-100K", "leave-one-out (last item = test), full ranking; no published rows"),
     "amazon-industrial": ("Amazon 2018 Industrial_and_Scientific (MiniOneRec preparation)",
                           "the published test.jsonl (4,533 examples, global 80/10/10 time split), full ranking"),
     "amazon14-beauty": ("Amazon 2014 Beauty (the TIGER / P5 sequences)",
                         "leave-one-out, history <= 20, full ranking; the papers' Recall@K is HR@K"),
-}
-
-# Published results on exactly these test sets. Source: ../shared/data/README.md (the "Published ..." lines of
-# the amazon18-industrial and amazon14-beauty sections); only the numbers given there.
-PUBLISHED_SOURCE = "../shared/data/README.md"
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "amazon-industrial": {
-        "source": "MiniOneRec paper, quoted in ../shared/data/README.md",
-        "training_data": "full published train (36,259 rows)",
-        "rows": {
-            "SASRec": {"hr@5": 0.0909, "ndcg@5": 0.0748, "hr@10": 0.1088, "ndcg@10": 0.0806},
-            "GRU4Rec": {"hr@10": 0.0999, "ndcg@10": 0.0669},
-            "HSTU": {"hr@10": 0.1163, "ndcg@10": 0.0958},
-            "TIGER": {"hr@5": 0.1010, "ndcg@5": 0.0807, "hr@10": 0.1321, "ndcg@10": 0.0908},
-            "LC-Rec": {"hr@10": 0.1332, "ndcg@10": 0.0952},
-            "BIGRec": {"hr@10": 0.1370, "ndcg@10": 0.0997},
-            "D3": {"hr@10": 0.1500, "ndcg@10": 0.1082},
-            "MiniOneRec (Qwen2.5-1.5B, SFT + RL)": {"hr@5": 0.1321, "ndcg@5": 0.1084,
-                                                    "hr@10": 0.1586, "ndcg@10": 0.1167},
-        },
-    },
-    "amazon14-beauty": {
-        "source": "published (TIGER, LETTER), quoted in ../shared/data/README.md",
-        "training_data": "train (leave-one-out)",
-        "rows": {
-            "TIGER": {"hr@5": 0.0454, "ndcg@5": 0.0321, "hr@10": 0.0648, "ndcg@10": 0.0384},
-            "LETTER-TIGER": {"hr@10": 0.0672, "ndcg@10": 0.0364},
-            "LC-Rec": {"hr@10": 0.0642, "ndcg@10": 0.0374},
-            "LETTER-LC-Rec": {"hr@10": 0.0703, "ndcg@10": 0.0418},
-        },
-    },
 }
 
 # stage -> config section it publishes as its manifest's "config" (model and eval_* nest theirs one deeper)
