@@ -4,6 +4,7 @@
     sidrec sids report --config ml-100k
     sidrec train --config tiny-cpu train.epochs=1
     sidrec eval --config tiny-cpu eval.split=test
+    sidrec report --config tiny-cpu          # rebuild the evaluation's report.html from the store
     sidrec pipeline --config ml-100k
     sidrec quickstart
 """
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 from sidrec import console
-from sidrec.config import ConfigError, load_config
+from sidrec.config import ConfigError, SidrecConfig, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -69,12 +70,13 @@ def _eval(args: argparse.Namespace) -> int:
     from sidrec.pipeline import eval_report, run
 
     run(cfg, force={"eval"} if args.force else False)
-    _print_report(eval_report(cfg))
+    _print_report(cfg, eval_report(cfg))
     return 0
 
 
-def _print_report(report: dict) -> None:
+def _print_report(cfg: SidrecConfig, report: dict) -> None:
     from sidrec.eval.report import format_table
+    from sidrec.eval.report_store import html_report_path
 
     print(f"{report['name']} {report['split']}: {report['examples']} examples, full ranking over "
           f"{report['catalog_items']} items; trained on {report['training_data']}")
@@ -82,6 +84,15 @@ def _print_report(report: dict) -> None:
     if report.get("unconstrained_invalid_share") is not None:
         print(f"unconstrained beam search: {report['unconstrained_invalid_share']:.1%} of top-10 outputs "
               f"are not real items ({report['unconstrained_examples']} examples)")
+    print(f"run report: {html_report_path(cfg.store.root, cfg.eval.split)}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from sidrec.eval.report_store import rebuild_html_report
+
+    print(rebuild_html_report(cfg.store.root, args.split or cfg.eval.split))
+    return 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -90,7 +101,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from sidrec.serve.demo import serve_demo
 
     run(cfg, force=args.force)
-    _print_report(eval_report(cfg))
+    _print_report(cfg, eval_report(cfg))
     if args.serve or args.keep_serving:
         serve_demo(cfg, port=args.port, keep_serving=args.keep_serving)
     return 0
@@ -122,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(e)
     e.add_argument("--force", action="store_true", help="re-evaluate even if model and data are unchanged")
     e.set_defaults(func=_eval)
+
+    rep = sub.add_parser("report", help="rebuild the self-contained HTML run report of the published evaluation "
+                                        "from the store (nothing is rerun) and print its path")
+    _add_config_args(rep)
+    rep.add_argument("--split", choices=("valid", "test"), default=None,
+                     help="which evaluation (default: the config's eval.split)")
+    rep.set_defaults(func=_report)
 
     for name, default, text in (
         ("pipeline", None, "every stage (SIDs, training, evaluation), each resumed from the store"),
