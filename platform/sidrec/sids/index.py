@@ -1,18 +1,10 @@
 """Compressed SID index for constrained decoding: a level-by-level CSR trie (idea of STATIC, arXiv 2602.22647).
 
-A SID is a tuple of L codes in [0, K). Sort the distinct SIDs; at depth d (prefix length d, d = 0..L) the
-distinct length-d prefixes are the *nodes* of depth d, numbered 0..n_d-1 in sorted order (depth 0 is the
-single root, node 0). For each depth d < L the index stores
-
-* ``offsets[d]``      int64 [n_d + 1]: node i's children are the depth-(d+1) nodes offsets[d][i]..offsets[d][i+1]-1;
-* ``child_codes[d]``  uint8 (K <= 256) / uint16 / int32 [n_{d+1}]: the code of each depth-(d+1) node, i.e.
-  the sorted codes of each parent's children, concatenated.
-
-Child node ids are implicit (a child's position in ``child_codes[d]`` is its id at depth d+1), so the trie
-costs ~1 byte per node plus 8 bytes per internal node. Leaves (depth-L nodes = distinct SIDs) map to item
-rows through another CSR (``item_offsets`` [n_L + 1], ``item_rows`` [N]); when every SID is unique (the
-"dedup" policy) ``item_offsets`` is dropped and leaf i holds exactly ``item_rows[i]``. With 10M random SIDs
-(3 levels x 256 + a dedup level) that is ~12 bytes per item.
+A SID is a tuple of L codes in [0, K). The distinct length-d prefixes of the stored SIDs are the *nodes* of
+depth d, numbered in sorted order; per depth the index keeps ``offsets[d]`` (each node's child range) and
+``child_codes[d]`` (each child's code), and the leaves (distinct SIDs) map to item rows through
+``item_offsets`` / ``item_rows``: ~12 bytes per item at 10M items. The layout is described in full in
+``sidrec.sids.trie_arrays``, which builds it.
 
 Queries run on torch tensors, batched, without Python loops over beams and without host syncs (so they work
 on CUDA and inside captured graphs): a node lookup is a fixed-iteration binary search inside each beam's
@@ -25,59 +17,32 @@ Because a prefix can exist in both, a beam search that carries node ids instead 
 ``[B, 2]`` (main node, delta node): see ``state_of`` / ``step_state`` / ``allowed_from_state``. The plain
 ``node_of`` / ``step`` / ``allowed_from_nodes`` work on the main index alone.
 
+Retired items (``remove`` by id, ``remove_rows``) are tombstoned, in the main index and in the delta alike:
+every query skips them, and a node whose items are all retired is absent from ``allowed*`` / ``node_of`` /
+``contains`` / ``leaf_counts``, so a constrained search never reaches a retired item. Row numbers stay put
+until ``compact()``, which drops the retired rows. Retiring and re-adding are idempotent (log replay).
+
 Vocabulary masks: ``token_mask(code_mask, token_ids[level], vocab_size)`` lifts a [B, K] code mask to a
 [B, V] token mask (codes whose token is missing, id -1, are dropped).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from sidrec.config import CODEBOOK_SIZE
+from sidrec.sids.trie_arrays import Liveness, build_arrays, check_codes, leaf_range, row_codes
 
 __all__ = ["SidIndex", "token_mask"]
-
-
-def _code_dtype(codebook_size: int) -> np.dtype:
-    if codebook_size <= 256:
-        return np.dtype(np.uint8)
-    if codebook_size <= 65536:
-        return np.dtype(np.uint16)
-    return np.dtype(np.int32)
-
-
-def _row_dtype(n: int) -> np.dtype:
-    return np.dtype(np.int32) if n < 2**31 - 1 else np.dtype(np.int64)
 
 
 def _to_torch(a: np.ndarray, device: torch.device) -> torch.Tensor:
     if a.dtype == np.uint16:  # torch's uint16 lacks most ops; codes fit in int32
         a = a.astype(np.int32)
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-
-def _sort_rows(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort rows of codes [N, L] -> (order [N] int64, new [N] bool: sorted row i starts a new distinct SID).
-    Rows are packed into one int64 key (+ the row index, so a plain sort is stable) when they fit."""
-    n, L = codes.shape
-    new = np.ones(n, dtype=bool)
-    idx_bits = max(int(n - 1).bit_length(), 1)
-    if L * bits + idx_bits <= 62:
-        key = np.zeros(n, dtype=np.int64)
-        for col in range(L):
-            key = (key << bits) | codes[:, col].astype(np.int64)
-        packed = np.sort((key << idx_bits) | np.arange(n, dtype=np.int64))
-        order = packed & ((1 << idx_bits) - 1)
-        sk = packed >> idx_bits
-        new[1:] = sk[1:] != sk[:-1]
-    else:
-        order = np.lexsort(codes.T[::-1]).astype(np.int64)
-        sc = codes[order]
-        new[1:] = (sc[1:] != sc[:-1]).any(axis=1)
-    return order, new
 
 
 class SidIndex:
@@ -97,6 +62,9 @@ class SidIndex:
         self._delta_codes = np.zeros((0, self.levels), dtype=np.int64)
         self._delta_ids: list[str] = []
         self._cache: dict[torch.device, dict] = {}
+        self._live: Liveness | None = None              # tombstones of the main rows, from the first retire
+        self._row_of_id: dict[str, int] | None = None   # str(item id) -> its present row (built lazily)
+        self._version = 0
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -104,57 +72,14 @@ class SidIndex:
               codebook_size: int = CODEBOOK_SIZE) -> SidIndex:
         """codes [N, L] ints in [0, codebook_size) -> index. item_ids (len N) are returned by ``items_of``;
         without them ``items_of`` returns row numbers. Fully vectorised (one sort + a few passes)."""
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or not (np.issubdtype(codes.dtype, np.integer) or codes.size == 0):
-            raise ValueError(f"codes must be a 2-D integer array [N, L], got {codes.dtype} {codes.shape}")
-        n, L = codes.shape
-        if L < 1:
-            raise ValueError("SIDs need at least one level")
         K = int(codebook_size)
-        if n and (codes.min() < 0 or codes.max() >= K):
-            raise ValueError(f"codes must lie in [0, {K}), got [{codes.min()}, {codes.max()}]")
+        codes = check_codes(codes, K)
+        n, L = codes.shape
         if item_ids is not None:
             item_ids = list(item_ids)
             if len(item_ids) != n:
                 raise ValueError(f"{len(item_ids)} item_ids for {n} SIDs")
-        cdt = _code_dtype(K)
-        rdt = _row_dtype(n)
-        if n == 0:
-            offsets = [np.zeros(2, np.int64)] + [np.zeros(1, np.int64) for _ in range(L - 1)]
-            child = [np.zeros(0, cdt) for _ in range(L)]
-            return cls(L, K, offsets, child, None, np.zeros(0, rdt), item_ids)
-
-        bits = max(int(K - 1).bit_length(), 1)
-        order, new_leaf = _sort_rows(codes, bits)
-        leaf_first = np.flatnonzero(new_leaf)          # sorted position of each distinct SID's first item
-        ucodes = codes[order[leaf_first]]              # [U, L] distinct SIDs, sorted
-        U = ucodes.shape[0]
-
-        offsets: list[np.ndarray] = []
-        child: list[np.ndarray] = []
-        parent_node = np.zeros(U, dtype=np.int64)      # node id of each distinct SID's prefix at depth d
-        n_parent = 1
-        new = np.zeros(U, dtype=bool)                  # prefix of length d+1 differs from the previous SID's
-        new[0] = True
-        for d in range(L):
-            col = ucodes[:, d]
-            new[1:] |= col[1:] != col[:-1]
-            starts = np.flatnonzero(new)               # first SID of each depth-(d+1) node
-            child.append(col[starts].astype(cdt))
-            off = np.zeros(n_parent + 1, dtype=np.int64)
-            np.cumsum(np.bincount(parent_node[starts], minlength=n_parent), out=off[1:])
-            offsets.append(off)
-            if d + 1 < L:
-                parent_node = np.cumsum(new) - 1
-                n_parent = starts.size
-
-        item_rows = order.astype(rdt)
-        if U == n:
-            item_offsets = None
-        else:
-            item_offsets = np.empty(U + 1, dtype=rdt)
-            item_offsets[:-1] = leaf_first
-            item_offsets[-1] = n
+        offsets, child, item_offsets, item_rows = build_arrays(codes, K)
         return cls(L, K, offsets, child, item_offsets, item_rows, item_ids)
 
     @classmethod
@@ -167,19 +92,38 @@ class SidIndex:
 
     # ------------------------------------------------------------- properties
     @property
-    def n_main_items(self) -> int:
+    def n_main_rows(self) -> int:
+        """Rows of the main part, retired ones included: delta rows are numbered from here."""
         return int(self.item_rows.size)
 
     @property
+    def n_rows(self) -> int:
+        """Every row number handed out so far (main + delta, retired included): rows lie in [0, n_rows)."""
+        return self.n_main_rows + int(self._delta_codes.shape[0])
+
+    @property
+    def n_main_items(self) -> int:
+        """Present (not retired) items of the main part."""
+        return self.n_main_rows - (0 if self._live is None else self._live.n_dead)
+
+    @property
     def n_items(self) -> int:
-        return self.n_main_items + int(self._delta_codes.shape[0])
+        """Present items, main + delta (retired ones are not counted)."""
+        return self.n_main_items + (self.delta.n_items if self.delta is not None else 0)
 
     @property
     def n_sids(self) -> int:
-        """Distinct SIDs in the main index."""
-        return int(self.child_codes[-1].size)
+        """Distinct SIDs of the main index that still hold a present item."""
+        return int(self.child_codes[-1].size) if self._live is None else self._live.n_live_leaves
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change (add, a remove that retired something, compact), so a caller caching
+        derived views (item -> codes maps, masks) can tell they are stale even when ``n_items`` is equal."""
+        return self._version
 
     def n_nodes(self, depth: int) -> int:
+        """Nodes stored at ``depth``, including those whose items were all retired (until ``compact``)."""
         return 1 if depth == 0 else int(self.child_codes[depth - 1].size)
 
     def nbytes(self, include_delta: bool = True) -> int:
@@ -187,7 +131,7 @@ class SidIndex:
         arrs = [*self.offsets, *self.child_codes, self.item_rows]
         if self.item_offsets is not None:
             arrs.append(self.item_offsets)
-        total = sum(int(a.nbytes) for a in arrs)
+        total = sum(int(a.nbytes) for a in arrs) + (self._live.nbytes() if self._live is not None else 0)
         if include_delta and self.delta is not None:
             total += self.delta.nbytes() + int(self._delta_codes.nbytes)
         return total
@@ -197,7 +141,8 @@ class SidIndex:
 
     def __repr__(self) -> str:
         return (f"SidIndex(levels={self.levels}, K={self.codebook_size}, items={self.n_items}, "
-                f"sids={self.n_sids}, delta={self._delta_codes.shape[0]}, bytes={self.nbytes()})")
+                f"sids={self.n_sids}, delta={self._delta_codes.shape[0]}, retired={self.n_rows - self.n_items}, "
+                f"bytes={self.nbytes()})")
 
     # ---------------------------------------------------------- torch queries
     def _t(self, device: torch.device | str | None) -> dict:
@@ -208,7 +153,8 @@ class SidIndex:
         if t is None:
             t = {"offsets": [_to_torch(o, device) for o in self.offsets],
                  "child": [_to_torch(c, device) for c in self.child_codes],
-                 "arange": torch.arange(self.codebook_size, device=device)}
+                 "arange": torch.arange(self.codebook_size, device=device),
+                 "alive": None if self._live is None else [_to_torch(a, device) for a in self._live.alive]}
             self._cache[device] = t
         return t
 
@@ -239,6 +185,8 @@ class SidIndex:
             lo = torch.where(active & less, mid + 1, lo)
             hi = torch.where(active & ~less, mid, hi)
         found = (lo < end) & (child[lo.clamp(max=last)].long() == codes)
+        if t["alive"] is not None:  # a node whose items are all retired is absent
+            found &= t["alive"][depth][lo.clamp(max=last)]
         return torch.where(found, lo, torch.full_like(lo, -1))
 
     def node_of(self, prefixes: torch.Tensor) -> torch.Tensor:
@@ -281,7 +229,10 @@ class SidIndex:
             count = torch.where(valid, off[safe + 1] - start, 0)
             ar = t["arange"]
             pos = (start[:, None] + ar[None, :]).clamp(max=child.numel() - 1)
-            cols = torch.where(ar[None, :] < count[:, None], child[pos].long(), K)  # K = trash column
+            ok = ar[None, :] < count[:, None]
+            if t["alive"] is not None:  # children whose items are all retired are not allowed
+                ok &= t["alive"][depth][pos]
+            cols = torch.where(ok, child[pos].long(), K)  # K = trash column
             mask.scatter_(1, cols, True)
         return mask[:, :K]
 
@@ -314,14 +265,14 @@ class SidIndex:
         return self.allowed_from_state(self.state_of(prefixes), prefixes.shape[1])
 
     def leaf_counts(self, prefixes: np.ndarray) -> np.ndarray:
-        """prefixes [M, d] codes -> number of stored SIDs (main + delta) that start with each prefix.
-        A depth-d node's leaves are a contiguous range, found by following the offsets down to depth L."""
+        """prefixes [M, d] codes -> number of stored SIDs with a present item (main + delta, each counted
+        in both when in both) that start with each prefix: the size of the node's leaf range, or after
+        removals its count of live leaves (a difference of their cumulative sum)."""
         prefixes = np.asarray(prefixes, dtype=np.int64)
         node = self.node_of(torch.from_numpy(prefixes)).numpy()
-        lo, hi = node.clip(min=0), node.clip(min=0) + 1
-        for depth in range(prefixes.shape[1], self.levels):
-            lo, hi = self.offsets[depth][lo], self.offsets[depth][hi]
-        count = np.where(node >= 0, hi - lo, 0)
+        count = np.zeros(node.shape, dtype=np.int64)   # absent prefixes (-1) count 0
+        lo, hi = leaf_range(self.offsets, node[node >= 0], prefixes.shape[1])
+        count[node >= 0] = hi - lo if self._live is None else self._live.leaf_cum[hi] - self._live.leaf_cum[lo]
         if self.delta is not None:
             count = count + self.delta.leaf_counts(prefixes)
         return count
@@ -329,24 +280,23 @@ class SidIndex:
     # -------------------------------------------------------------- item side
     def _leaf_rows(self, leaf: int) -> np.ndarray:
         if self.item_offsets is None:
-            return self.item_rows[leaf:leaf + 1]
-        return self.item_rows[self.item_offsets[leaf]:self.item_offsets[leaf + 1]]
+            rows = self.item_rows[leaf:leaf + 1]
+        else:
+            rows = self.item_rows[self.item_offsets[leaf]:self.item_offsets[leaf + 1]]
+        return rows if self._live is None else rows[~self._live.dead[rows]]
 
     def leaves_of(self, codes: np.ndarray) -> np.ndarray:
-        """Full SIDs [M, L] -> main-index leaf ids [M] (-1 if absent)."""
+        """Full SIDs [M, L] -> main-index leaf ids [M] (-1 if absent or all its items are retired)."""
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.levels)
         return self.node_of(torch.from_numpy(codes)).numpy()
 
     def rows_of(self, codes: Sequence[int]) -> list[int]:
-        """Rows (0..n_items-1, delta items after the main ones, in add order) of the items with this SID."""
+        """Rows (0..n_rows-1, delta items after the main ones, in add order) of the present items with this
+        SID. Row numbers are stable until ``compact``; retired rows are never returned."""
         codes = np.asarray(codes, dtype=np.int64)
         if codes.shape != (self.levels,):
             raise ValueError(f"a full SID has {self.levels} codes, got shape {codes.shape}")
-        leaf = int(self.leaves_of(codes[None])[0])
-        rows = sorted(int(r) for r in self._leaf_rows(leaf)) if leaf >= 0 else []
-        if self.delta is not None:
-            rows += [self.n_main_items + r for r in self.delta.rows_of(codes)]
-        return rows
+        return self.rows_of_many(codes[None])[0]
 
     def rows_of_many(self, codes: np.ndarray) -> list[list[int]]:
         """Full SIDs [M, L] -> for each, the rows of its items (as ``rows_of``), with one batched lookup."""
@@ -354,93 +304,179 @@ class SidIndex:
         leaves = self.leaves_of(codes)
         out = [sorted(int(r) for r in self._leaf_rows(int(leaf))) if leaf >= 0 else [] for leaf in leaves]
         if self.delta is not None:
-            n = self.n_main_items
+            n = self.n_main_rows
             for rows, extra in zip(out, self.delta.rows_of_many(codes), strict=True):
                 rows += [n + r for r in extra]
         return out
 
+    def live_rows(self) -> np.ndarray:
+        """Rows of the present items, ascending (main then delta) [n_items] int64."""
+        keep = np.ones(self.n_rows, dtype=bool)
+        keep[self.removed_rows()] = False
+        return np.flatnonzero(keep)
+
     def all_item_ids(self) -> list[str]:
-        """Item id of every row, main part then delta (row numbers as strings when built without ids)."""
-        main = self.item_ids if self.item_ids is not None else [str(i) for i in range(self.n_main_items)]
-        return [str(i) for i in (*main, *self._delta_ids)]
+        """Item id of every present item in row order, main part then delta (row numbers as strings when
+        built without ids); aligned with ``codes()``."""
+        if self.item_ids is None:
+            return [str(r) for r in self.live_rows().tolist()]
+        ids = [*self.item_ids, *self._delta_ids]
+        if self.n_items == len(ids):
+            return [str(i) for i in ids]
+        return [str(ids[r]) for r in self.live_rows().tolist()]
 
     def item_of_row(self, row: int):
         """The item id (or the row itself, without ids) of a row from ``rows_of``."""
         if self.item_ids is None:
             return row
-        n = self.n_main_items
+        n = self.n_main_rows
         return self.item_ids[row] if row < n else self._delta_ids[row - n]
 
     def items_of(self, codes: Sequence[int]) -> list:
-        """Item ids (or rows, when built without ids) of the items whose SID is ``codes`` [L]."""
+        """Item ids (or rows, when built without ids) of the present items whose SID is ``codes`` [L]."""
         rows = self.rows_of(codes)
-        if self.item_ids is None:
-            return rows
-        n = self.n_main_items
-        return [self.item_ids[r] if r < n else self._delta_ids[r - n] for r in rows]
+        return rows if self.item_ids is None else [self.item_of_row(r) for r in rows]
 
     def contains(self, codes: Sequence[int] | np.ndarray) -> bool | np.ndarray:
-        """Full SID [L] -> bool, or [M, L] -> bool [M]."""
+        """Full SID [L] -> bool, or [M, L] -> bool [M]: whether a present item has this SID."""
         arr = np.asarray(codes, dtype=np.int64)
         found = self.leaves_of(arr) >= 0
         if self.delta is not None:
             found |= self.delta.leaves_of(arr) >= 0
         return bool(found[0]) if arr.ndim == 1 else found
 
+    def codes(self) -> np.ndarray:
+        """The SIDs of the present items in row order (main then delta), [n_items, L] int64 — reconstructed
+        from the trie; aligned with ``all_item_ids()``."""
+        out = row_codes(self.offsets, self.child_codes, self.item_offsets, self.item_rows)
+        if self._live is not None:
+            out = out[~self._live.dead]
+        if self.delta is None:
+            return out
+        return np.concatenate([out, self._delta_codes[self.delta.live_rows()]])
+
     # ------------------------------------------------------------ delta index
     def add(self, codes: np.ndarray, item_ids: Sequence[str] | None = None) -> None:
-        """Add cold-start items (codes [M, L]) to the delta index without rebuilding the main one."""
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.ndim == 1:
-            codes = codes[None]
-        if codes.ndim != 2 or codes.shape[1] != self.levels:
-            raise ValueError(f"codes must be [M, {self.levels}], got {codes.shape}")
+        """Add cold-start items (codes [M, L]) to the delta index without rebuilding the main one.
+
+        With item ids this is an upsert: an id that is present already is retired first, so re-adding an
+        item (e.g. replaying a catalog log) leaves it present once, and adding it with other codes moves it
+        (its row number changes). Ids must be unique within one call. Cost: a rebuild of the delta, plus,
+        the first time, an O(N) map of ids to rows."""
+        codes = check_codes(np.asarray(codes, dtype=np.int64), self.codebook_size, self.levels)
         if (self.item_ids is None) != (item_ids is None):
             raise ValueError("pass item_ids iff the index was built with item_ids")
         if item_ids is not None:
             item_ids = list(item_ids)
             if len(item_ids) != codes.shape[0]:
                 raise ValueError(f"{len(item_ids)} item_ids for {codes.shape[0]} SIDs")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+            if len({str(i) for i in item_ids}) != len(item_ids):
+                raise ValueError("item_ids repeat within one add")
+        first = self.n_rows
+        if item_ids is not None:
+            self.remove(item_ids)
         all_codes = np.concatenate([self._delta_codes, codes])
         delta = SidIndex.build(all_codes, None, self.codebook_size)
+        if self.delta is not None:
+            delta.remove_rows(self.delta.removed_rows())
         for dev in self._cache:
             delta.to(dev)
         self._delta_codes = all_codes
         if item_ids is not None:
             self._delta_ids.extend(item_ids)
+            ids = self._ids_to_rows()
+            for k, item in enumerate(item_ids):
+                ids[str(item)] = first + k
         self.delta = delta
-
-    def codes(self) -> np.ndarray:
-        """All SIDs in row order (main then delta), [n_items, L] int64 — reconstructed from the trie."""
-        L = self.levels
-        U = self.n_sids
-        leaf_codes = np.empty((U, L), dtype=np.int64)
-        node = np.arange(U, dtype=np.int64)           # ancestor at depth d+1 of every leaf
-        for d in range(L - 1, -1, -1):
-            leaf_codes[:, d] = self.child_codes[d][node]
-            if d:
-                parent = np.repeat(np.arange(self.n_nodes(d), dtype=np.int64), np.diff(self.offsets[d]))
-                node = parent[node]
-        out = np.empty((self.n_main_items, L), dtype=np.int64)
-        if self.item_offsets is None:
-            out[self.item_rows] = leaf_codes
-        else:
-            out[self.item_rows] = np.repeat(leaf_codes, np.diff(self.item_offsets), axis=0)
-        return np.concatenate([out, self._delta_codes])
+        self._version += 1
 
     def compact(self) -> SidIndex:
-        """Merge the delta into the main index (a rebuild); rows and results are unchanged. Returns self."""
-        if self.delta is None:
+        """Merge the delta into the main index and drop retired items (a rebuild). Results by item id are
+        unchanged; rows are renumbered 0..n_items-1 in their old order (unchanged when nothing was retired).
+        Returns self."""
+        if self.delta is None and self.n_items == self.n_rows:
             return self
-        ids = None if self.item_ids is None else [*self.item_ids, *self._delta_ids]
+        live = self.live_rows().tolist()
+        ids = None if self.item_ids is None else [self.item_of_row(r) for r in live]
         new = SidIndex.build(self.codes(), ids, self.codebook_size)
-        devices = list(self._cache)
+        devices, version = list(self._cache), self._version + 1
         self.__dict__.update(new.__dict__)
+        self._version = version
         for dev in devices:
             self._t(dev)
         return self
+
+    # ------------------------------------------------------------------ retire
+    def remove(self, item_ids: Iterable[str] | str, strict: bool = False) -> int:
+        """Retire items by id (main or delta): they are never returned again, and a SID or prefix left
+        without a present item is no longer allowed, so a constrained search cannot reach it. A SID shared
+        with a present item (the ``keep`` policy) stays, holding the others. Returns the rows retired.
+
+        Idempotent, as a catalog-change log replay needs: an id that is not present (never added, retired
+        already, or dropped by ``compact``) is ignored, unless ``strict`` (KeyError naming them). ``add``
+        makes a retired id present again. Cost: O(m) id lookups + ``remove_rows``; the first call also builds
+        an O(N) id -> row map (ids must be unique among present items)."""
+        if self.item_ids is None:
+            raise ValueError("this index was built without item_ids: retire rows with remove_rows")
+        ids = list(dict.fromkeys(str(i) for i in ([item_ids] if isinstance(item_ids, str) else item_ids)))
+        by_id = self._ids_to_rows()
+        rows = [by_id[i] for i in ids if i in by_id]
+        if strict and len(rows) != len(ids):
+            raise KeyError(f"item ids not present: {[i for i in ids if i not in by_id][:10]}")
+        return self.remove_rows(rows)
+
+    def remove_rows(self, rows: Sequence[int] | np.ndarray) -> int:
+        """Retire items by row number (from ``rows_of`` / ``items_of`` without ids; see ``remove``). Rows
+        retired already are ignored; a row outside [0, n_rows) raises IndexError. Returns the rows retired.
+
+        Cost for m rows of an index with N main rows: O(m + leaves + nodes) numpy on the tombstones (the
+        first retire also allocates them, O(N)), a re-upload of the node masks (1 byte a node) to every
+        device holding the index, and the same for the delta if rows fall in it. No sort, no trie rebuild."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+        if rows.size and (rows[0] < 0 or rows[-1] >= self.n_rows):
+            raise IndexError(f"rows must lie in [0, {self.n_rows}), got [{rows[0]}, {rows[-1]}]")
+        retired = self._retire(rows)
+        if retired.size:
+            self._version += 1
+            if self._row_of_id is not None:
+                for r in retired.tolist():
+                    self._row_of_id.pop(str(self.item_of_row(r)), None)
+        return int(retired.size)
+
+    def removed_rows(self) -> np.ndarray:
+        """Rows retired since the last ``compact``, ascending (main then delta) int64."""
+        n = self.n_main_rows
+        main = np.zeros(0, np.int64) if self._live is None else np.flatnonzero(self._live.dead)
+        if self.delta is None:
+            return main
+        return np.concatenate([main, n + self.delta.removed_rows()])
+
+    def _retire(self, rows: np.ndarray) -> np.ndarray:
+        """Tombstone distinct in-range rows (the delta's in the delta), refresh the node masks on every
+        device that holds them; returns the rows that were present."""
+        n = self.n_main_rows
+        main, extra = rows[rows < n], rows[rows >= n] - n
+        fresh = np.zeros(0, np.int64)
+        if main.size:
+            if self._live is None:
+                self._live = Liveness(self.offsets, self.item_offsets, self.item_rows)
+            fresh = self._live.retire(main)
+            if fresh.size:
+                for dev, t in self._cache.items():
+                    t["alive"] = [_to_torch(a, dev) for a in self._live.alive]
+        if extra.size and self.delta is not None:
+            fresh = np.concatenate([fresh, n + self.delta._retire(extra)])
+        return fresh
+
+    def _ids_to_rows(self) -> dict[str, int]:
+        """str(item id) -> row of the present item with it; built on first use, then kept up to date."""
+        if self._row_of_id is None:
+            live = self.live_rows().tolist()
+            by_id = {str(self.item_of_row(r)): r for r in live}
+            if len(by_id) != len(live):
+                raise ValueError("item ids repeat among present items: retire/upsert by id needs unique ids")
+            self._row_of_id = by_id
+        return self._row_of_id
 
 
 def token_mask(code_mask: torch.Tensor, token_ids, vocab_size: int, level: int | None = None) -> torch.Tensor:
