@@ -111,14 +111,16 @@ class SidDecoder:
         self._code_of = {int(t): (lv, k) for lv in range(self.levels) for k, t in enumerate(self.tokens[lv].tolist())
                          if t >= 0}
         self._item_codes: dict[str, tuple[int, ...]] | None = None
+        self._item_codes_version = -1  # the index version the map was built from
         self.pad_id = pad_id(tokenizer)
         index.to(self.device)
 
     # ----------------------------------------------------------------------------------- helpers
     def _item_index(self) -> dict[str, tuple[int, ...]]:
-        if self._item_codes is None or len(self._item_codes) != self.index.n_items:
+        if self._item_codes is None or self._item_codes_version != self.index.version:
             ids = self.index.all_item_ids()
             self._item_codes = {i: tuple(int(c) for c in row) for i, row in zip(ids, self.index.codes(), strict=True)}
+            self._item_codes_version = self.index.version
         return self._item_codes
 
     def item_codes(self, item_id: str) -> tuple[int, ...]:
