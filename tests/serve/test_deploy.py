@@ -58,7 +58,8 @@ def test_reconfigure_swaps_the_model_without_failing_requests(trained_store):
 
     _, root = trained_store
     threads = torch.get_num_threads()
-    base = {"store_root": root, "num_beams": 10, "max_batch_size": 4, "torch_threads": threads}
+    base = {"store_root": root, "num_beams": 10, "max_batch_size": 4, "torch_threads": threads,
+            "api_key": "deploy-test-key"}
     req = {"history": ["1", "2"], "profile": None, "k": 5, "exclude_history": True}
 
     async def main():
@@ -68,7 +69,9 @@ def test_reconfigure_swaps_the_model_without_failing_requests(trained_store):
         assert d.recommender is None and d.health()["status"] == "loading"
         await d.reconfigure(base)
         first = d.recommender
-        added = await d.add_items([{"item_id": "kept-1", "title": "A New Film (2030)", "categories": "Drama"}])
+        item = {"item_id": "kept-1", "title": "A New Film (2030)", "categories": "Drama"}
+        assert (await d.add_items([item]))["status"] == 401  # the admin key is required
+        added = await d.add_items([item], api_key="deploy-test-key")
         assert added["items"][0]["item_id"] == "kept-1"
 
         async def client(n: int) -> list[dict]:
