@@ -7,15 +7,11 @@ evaluated. ``rebuild_html_report`` re-renders the page of a published evaluation
 
 from __future__ import annotations
 
-import logging
-
 import pyarrow.fs as pafs
 
 from sidrec.eval.html_report import ReportInputs, render_html
 from sidrec.eval.published import published_for_format
 from sidrec.store import ArtifactStore, resolve_fs
-
-log = logging.getLogger("sidrec")
 
 REPORT_HTML = "report.html"
 # the stages an evaluation depends on, in pipeline order (their manifests' configs are its provenance)
@@ -104,9 +100,7 @@ def rebuild_html_report(root: str, split: str) -> str:
     manifest = _eval_manifest(store, split)
     folder = f"{store.stage_dir(manifest['stage'])}/{manifest['version']}"
     report = store.read_json(f"{folder}/report.json")
-    path = write_html_report(store, folder, report_inputs(store, report, manifest))
-    log.info("run report: %s", path)
-    return path
+    return write_html_report(store, folder, report_inputs(store, report, manifest))
 
 
 def html_report_path(root: str, split: str) -> str:
