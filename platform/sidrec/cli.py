@@ -6,6 +6,7 @@
     sidrec eval --config tiny-cpu eval.split=test
     sidrec report --config tiny-cpu          # rebuild the evaluation's report.html from the store
     sidrec pipeline --config ml-100k
+    sidrec items add --config quickstart new_items.jsonl   # also: items update FILE, items retire FILE
     sidrec quickstart
 """
 
@@ -75,12 +76,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_report(cfg: SidrecConfig, report: dict) -> None:
-    from sidrec.eval.report import format_table
+    from sidrec.eval.report import format_cold_start, format_table
     from sidrec.eval.report_store import html_report_path
 
     print(f"{report['name']} {report['split']}: {report['examples']} examples, full ranking over "
           f"{report['catalog_items']} items; trained on {report['training_data']}")
     print(format_table(report))
+    if cold := format_cold_start(report):  # "" for a run without eval.cold_start
+        print(cold)
     if report.get("unconstrained_invalid_share") is not None:
         print(f"unconstrained beam search: {report['unconstrained_invalid_share']:.1%} of top-10 outputs "
               f"are not real items ({report['unconstrained_examples']} examples)")
@@ -105,6 +108,46 @@ def _pipeline(args: argparse.Namespace) -> int:
     if args.serve or args.keep_serving:
         serve_demo(cfg, port=args.port, keep_serving=args.keep_serving)
     return 0
+
+
+def _items(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from sidrec.catalog.batch import apply_file
+    from sidrec.catalog.files import CatalogFileError
+    from sidrec.catalog.writer import CatalogError
+
+    try:
+        result = apply_file(cfg.store.root, args.items_command, args.file)
+    except (CatalogFileError, CatalogError) as e:
+        print(f"sidrec: error: {e} (nothing was written)", file=sys.stderr)
+        return 2
+    for i in result.items:
+        print(f"{i.action:9s} {i.item_id}\t{i.sid}{'' if i.exact else ' (nearest free codes)'}\t{i.title}")
+    for i in result.retired:
+        print(f"retired   {i}")
+    counts = {a: sum(i.action == a for i in result.items) for a in ("added", "updated", "unchanged")}
+    done = ", ".join(f"{n} {a}" for a, n in counts.items() if n) or f"{len(result.retired)} retired"
+    print(f"{done}; catalog version {result.version} in {cfg.store.root} (Serve replicas apply it within "
+          "catalog_poll_s)")
+    return 0
+
+
+def _add_items_parser(sub) -> None:
+    items = sub.add_parser("items", help="add, update or retire catalog items through the store's catalog log "
+                                         "(what the Serve admin API writes; every replica applies it)")
+    items_sub = items.add_subparsers(dest="items_command", required=True, metavar="SUBCOMMAND")
+    for name, text, file_help in (
+        ("add", "add new items (an id already present with the same text is unchanged)",
+         "JSONL or CSV: item_id, title, brand?, categories?, description?"),
+        ("update", "new text for present items: new embedding, new SID unless it quantizes to the same",
+         "JSONL or CSV, as for add; every id must be present"),
+        ("retire", "retire items: never recommended again by any replica",
+         "ids: JSONL (item_id), CSV (item_id column) or text, one per line"),
+    ):
+        p = items_sub.add_parser(name, help=text)
+        p.add_argument("file", metavar="FILE", help=file_help)
+        _add_config_args(p)
+        p.set_defaults(func=_items)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which evaluation (default: the config's eval.split)")
     rep.set_defaults(func=_report)
 
+    _add_items_parser(sub)
+
     for name, default, text in (
         ("pipeline", None, "every stage (SIDs, training, evaluation), each resumed from the store"),
         ("quickstart", "quickstart", "the pipeline on ml-100k with the tiny CPU model, then a Serve app answering "
@@ -159,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `items add FILE --config X a.b=c`: overrides after the options (argparse took FILE alone)
+        if getattr(args, "func", None) is _items and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console.setup(verbose=args.verbose)
     from sidrec.data.tables import DataValidationError
 

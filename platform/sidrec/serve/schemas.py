@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_HISTORY_ITEMS = 5000     # per request, before truncation to the model's max_history
 MAX_NEW_ITEMS = 100          # per POST /v1/items
+MAX_RETIRE_ITEMS = 1000      # per POST /v1/items/retire
 
 
 def error(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -91,6 +92,15 @@ class AddItemsRequest(BaseModel):
     items: list[NewItemIn] = Field(..., min_length=1, max_length=MAX_NEW_ITEMS)
 
 
+class RetireRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_ids: list[StrictStr | StrictInt] = Field(..., min_length=1, max_length=MAX_RETIRE_ITEMS)
+
+    def ids(self) -> list[str]:
+        return [str(i) for i in self.item_ids]
+
+
 # =========================================================================================== responses
 class ScoredItem(BaseModel):
     item_id: str
@@ -110,6 +120,7 @@ class RecommendResponse(BaseModel):
     max_history: int
     cold_start: bool = Field(description="empty history: answered from the profile alone")
     exclude_history: bool
+    replica: str | None = Field(None, description="the Recommender replica that answered")
 
 
 class SearchResponse(BaseModel):
@@ -124,23 +135,44 @@ class ItemInfo(BaseModel):
     item_id: str
     title: str
     sid: str
-    source: Literal["catalog", "added"]
+    source: Literal["catalog", "added", "updated"] = Field(
+        description="the published catalog, or a catalog change: a new item, or a published one changed")
+    catalog_version: int | None = Field(None, description="the catalog change that last added or updated it")
     model_version: str
+    replica: str | None = Field(None, description="the Recommender replica that answered")
 
 
-class AddedItem(BaseModel):
+class UpsertedItem(BaseModel):
     item_id: str
     title: str
     sid: str
-    exact_codes: bool = Field(description="false when the quantizer's own codes used tokens the model "
-                                          "lacks and the nearest codes it knows were used")
+    exact: bool = Field(description="false when the quantizer's own codes used tokens the model lacks (or were "
+                                    "taken) and the nearest free codes it knows were used")
+    action: Literal["added", "updated", "unchanged"] = Field(
+        description="a new id; a known id with new text (new SID unless the text quantizes to the same); "
+                    "the same text as now (nothing written)")
 
 
 class AddItemsResponse(BaseModel):
-    items: list[AddedItem]
-    model_version: str
+    items: list[UpsertedItem]
+    version: int = Field(description="the catalog version that holds the write (durable in the store)")
+    scope: Literal["store"] = Field(description="written to the store's catalog log: every replica applies it")
     replica: str
-    scope: Literal["replica"] = Field(description="the items were added to the replica that answered only")
+
+
+class RetireResponse(BaseModel):
+    retired: list[str] = Field(description="ids retired now or before: never recommended again")
+    unknown: list[str] = Field(description="ids that were never in the catalog")
+    version: int
+    scope: Literal["store"]
+    replica: str
+
+
+class CatalogVersion(BaseModel):
+    version: int = Field(description="the latest catalog version in the store")
+    applied: int = Field(description="the version the answering replica has applied (catches up within "
+                                     "catalog_poll_s)")
+    replica: str
 
 
 class ErrorBody(BaseModel):
