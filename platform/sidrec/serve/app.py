@@ -9,7 +9,7 @@ Two deployments:
 
 * ``Recommender`` (``sidrec.serve.deployment.RecommenderDeployment``) holds a
   ``sidrec.recommender.Recommender`` loaded from the store named by its ``user_config``
-  (``sidrec.config.ServeSettings``: ``store_root``, ``num_beams``, ``scoring``, ``api_key`` /
+  (``sidrec.serve.settings.ServeSettings``: ``store_root``, ``num_beams``, ``scoring``, ``api_key`` /
   ``api_key_env``, ``max_batch_size``, ``batch_wait_timeout_s``, ...). Requests are gathered by
   ``@serve.batch`` and decoded together: one ``Recommender.recommend`` call per batch (one per value of
   ``exclude_history`` present), one constrained beam search for the whole batch.
@@ -23,11 +23,16 @@ status for bad input, never a 500):
   Unknown ids -> 422 naming them; empty history -> a cold-start answer from ``profile`` (422 without one);
   a history longer than the model's ``max_history`` keeps its most recent items (``history_truncated``);
   ``k`` outside 1..num_beams -> 422.
-* ``GET /v1/items/{item_id}`` -> title and SID (404 if unknown).
+* ``GET /v1/items/{item_id}`` -> title and SID (404 ``unknown_item``, or ``retired_item`` once retired).
 * ``POST /v1/items/search`` ``{"title": "...", "k": 5}`` -> real catalog items for a title, decoded by the
   model from the training's first title->SID prompt under the SID constraint.
 * ``POST /v1/items`` (admin) ``{"items": [{"item_id", "title", "brand"?, "categories"?, "description"?}]}``
-  -> their new SIDs (see ``sidrec.serve.items``); needs ``X-API-Key`` when a key is configured.
+  -> per item its SID and ``action`` (a new id is added, a known id with new text updated, the same text
+  unchanged) and the catalog ``version``; ``POST /v1/items/retire`` (admin) ``{"item_ids": [...]}``;
+  ``GET /v1/catalog/version``. Admin calls need ``X-API-Key`` (403 when no key is configured).
+* ``GET /v1/users?limit=&offset=`` -> test users of the store (history, held-out item, profile);
+  ``GET /v1/items?q=&limit=`` -> live catalog items whose title contains ``q`` (the demo page's listings).
+* ``GET /ui`` (``GET /`` redirects there): the demo page (``sidrec.serve.ui``), self-contained.
 * ``GET /healthz``; ``/docs`` and ``/openapi.json`` (FastAPI).
 
 Bodies larger than ``max_body_bytes`` (an ``args`` field of the app, 64 KiB by default) get 413.
@@ -36,11 +41,10 @@ method, status), ``sidrec_http_request_seconds``; ``sidrec_batch_size`` and ``si
 per task on the Recommender replicas.
 
 Reload: a new ``user_config`` (``serve deploy`` of an edited YAML) calls ``reconfigure`` on the running
-replicas; no restart (see ``sidrec.serve.deployment``). Cold-start items are added to the replica that
-receives the ``POST /v1/items``: every replica holds its own copy of the index, so with several replicas an
-item is only known to one of them (and lost when that replica is replaced). They survive reloads of that
-replica (re-encoded with the new store's quantizer). For several replicas, publish new items through the
-store (rebuild the ``sids`` stage) and reconfigure.
+replicas; no restart (see ``sidrec.serve.deployment``). Catalog writes go to the store's catalog log
+(``sidrec.catalog``) and answer once durable there; every replica applies the log when it loads and polls
+it every ``catalog_poll_s`` (1 s), so all replicas serve the same items, and a restarted, replaced or
+redeployed replica has every change (``sidrec items add|update|retire`` writes the same log).
 """
 
 from __future__ import annotations
@@ -53,9 +57,10 @@ from typing import Any, Literal
 
 from ray.serve import Application
 
-from sidrec.config import ConfigError, ServeAppConfig, ServeSettings, parse_value, section_from_dict
+from sidrec.config import ConfigError, parse_value, section_from_dict
 from sidrec.serve.deployment import RecommenderDeployment
 from sidrec.serve.http import Ingress
+from sidrec.serve.settings import ServeAppConfig, ServeSettings
 
 SETTINGS_KEYS = tuple(f.name for f in dataclasses.fields(ServeSettings))
 APP_KEYS = tuple(f.name for f in dataclasses.fields(ServeAppConfig))

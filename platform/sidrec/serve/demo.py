@@ -1,5 +1,6 @@
 """The quickstart's last step: start the Serve app on a trained store (loopback), ask it over HTTP for a
-real test user's top 5, and show them with titles; optionally keep serving until Ctrl-C.
+real test user's top 5, and show them with titles; optionally keep serving until Ctrl-C (the demo page is
+then at http://127.0.0.1:<port>/ui).
 
     answer = serve_demo(cfg, port=8000)                      # Serve shut down afterwards (Ray left running)
     serve_demo(cfg, keep_serving=True)                       # until Ctrl-C: then KeyboardInterrupt is raised
@@ -38,6 +39,11 @@ def demo_user(cfg: SidrecConfig, n_history: int = 8) -> dict[str, Any]:
     """The first test example of the store (a real user), with a short history for display."""
     row = ArtifactStore(cfg.store.root).split("test").slice(0, 1).to_pylist()[0]
     return {"user_id": row["user_id"], "history": row["history"][-n_history:], "target": row["target"]}
+
+
+def demo_url(port: int) -> str:
+    """The demo page of the app served on 127.0.0.1:``port``."""
+    return f"http://127.0.0.1:{port}/ui"
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
@@ -113,7 +119,10 @@ def serve_demo(cfg: SidrecConfig, port: int = 8000, keep_serving: bool = False, 
     with interrupts_raise():
         try:
             answer = _ask(cfg, port, echo)
-            if keep_serving:
+            if not keep_serving:
+                echo(f"(with --keep-serving the app stays up, its demo page at {demo_url(port)})")
+            else:
+                echo(f"demo page: {demo_url(port)}  (the admin panel takes the key above)")
                 echo("serving until Ctrl-C ...")
                 while True:
                     time.sleep(3600)
