@@ -30,14 +30,16 @@ def load_dataset(cfg: DataConfig) -> t.Dataset:
         issues += more
         inter = t.known_items(inter, catalog, "rows naming an item_id not in the catalog",
                               cfg.on_bad_rows, issues)
-        splits = t.leave_one_out(t.kcore_filter(inter, cfg.kcore), cfg.max_history)
+        inter = t.kcore_filter(inter, cfg.kcore)
+        splits, first_seen = t.leave_one_out(inter, cfg.max_history), t.first_interactions(inter)
     else:
+        first_seen = {}
         item_ids = catalog.column("item_id")
         splits = {}
         for name, path in cfg.examples.items():
             splits[name], more = t.normalize_examples(t.read_table(path), item_ids, cfg.on_bad_rows)
             issues += more
-    return t.Dataset(name="generic", catalog=catalog, splits=splits, profiles={}, issues=issues)
+    return t.Dataset(name="generic", catalog=catalog, splits=splits, profiles={}, issues=issues, first_seen=first_seen)
 
 
 def data_inputs(cfg: DataConfig) -> dict[str, str]:

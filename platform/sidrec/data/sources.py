@@ -26,6 +26,7 @@ from sidrec.data.tables import (
     BadRows,
     Dataset,
     DataValidationError,
+    first_interactions,
     in_use,
     kcore_filter,
     known_items,
@@ -90,7 +91,7 @@ def load_movielens_100k(data_dir: str, max_history: int = MAX_HISTORY, kcore: in
             user_id, age, gender, occupation, _zip = line.split("|")
             profiles[user_id] = _ml_profile(age, gender, occupation)
     return Dataset("ml-100k", in_use(catalog, interactions), leave_one_out(interactions, max_history),
-                   profiles, issues)
+                   profiles, issues, first_interactions(interactions))
 
 
 def fetch_movielens_100k(dest_dir: str) -> str:
@@ -226,4 +227,5 @@ def load_amazon_reviews(reviews_path: str, meta_path: str, kcore: int = 0, max_h
     interactions = known_items(interactions, catalog, "naming items without a title in meta", "drop", issues)
     interactions = kcore_filter(interactions, kcore)
     name = Path(reviews_path).name.split(".")[0]
-    return Dataset(name, in_use(catalog, interactions), leave_one_out(interactions, max_history), {}, issues)
+    return Dataset(name, in_use(catalog, interactions), leave_one_out(interactions, max_history), {}, issues,
+                   first_interactions(interactions))

@@ -46,6 +46,8 @@ class Dataset:
     splits: dict[str, pa.Table]  # "train" / "valid" / "test" -> Examples
     profiles: dict[str, str] = field(default_factory=dict)  # user_id -> profile text
     issues: list[str] = field(default_factory=list)  # what was dropped or fixed while loading
+    # item_id -> its first interaction's timestamp, when the source is a log with global timestamps
+    first_seen: dict[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -320,6 +322,12 @@ def leave_one_out(interactions: pa.Table, max_history: int = MAX_HISTORY) -> dic
         return pa.table({"user_id": users.take(p), "history": history, "target": items.take(p)})
 
     return {"train": examples(is_train), "valid": examples(is_valid), "test": examples(is_test)}
+
+
+def first_interactions(interactions: pa.Table) -> dict[str, int]:
+    """item_id -> the timestamp of its first interaction (what the cold-start split calls an item's age)."""
+    first = interactions.group_by("item_id").aggregate([("timestamp", "min")])
+    return dict(zip(first["item_id"].to_pylist(), first["timestamp_min"].to_pylist(), strict=True))
 
 
 def known_items(interactions: pa.Table, catalog: pa.Table, problem: str, on_bad_rows: BadRows,

@@ -1,4 +1,4 @@
-"""Non-generative baselines for next-item recommendation: most-popular and SASRec.
+"""Non-generative baselines for next-item recommendation: most-popular, SASRec and content similarity.
 
 Both rank the full catalog (no sampled negatives) and share one API, so an evaluator treats them alike:
 ``recommend(histories, k, exclude_history=False) -> list[list[str]]``, histories oldest item first.
@@ -8,6 +8,8 @@ Both rank the full catalog (no sampled negatives) and share one API, so an evalu
   dot product of the last hidden state with that item's (input) embedding. Trained with full-softmax
   cross-entropy over the catalog. ``train_sasrec`` fits it on an Examples table; a fitted model is two
   files (``sasrec.safetensors`` weights + ``sasrec.json`` config, item ids, training log), no pickle.
+- ``ContentBaseline``: items by the cosine of their text embedding to the mean of the history's; it needs no
+  interactions, so it ranks items nobody has interacted with yet (the cold-start reference).
 
 Sequence layout (shared by training and inference): ``[START, h_1, ..., h_n]`` at positions 0..n, padded
 on the right. START is the padding item (its embedding is zero), so it carries only position 0: the
@@ -29,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn as nn
@@ -154,6 +157,43 @@ class MostPopular:
             skip = set(history)
             # at most len(skip) of the first k + len(skip) items are skipped
             out.append([i for i in self.ranking[:k + len(skip)] if i not in skip][:k])
+        return out
+
+
+class ContentBaseline:
+    """Rank items by the cosine similarity of their embedding to the mean of the history's item embeddings.
+
+    ``embeddings[i]`` belongs to ``item_ids[i]`` (the ``embeddings`` stage: MiniLM over each item's text).
+    Equal scores go by catalog order; an empty history scores every item 0.
+    """
+
+    def __init__(self, item_ids: Sequence[str], embeddings: Any):
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(item_ids):
+            raise ValueError(f"need one embedding row per item: {len(item_ids)} items, shape {emb.shape}")
+        self.item_ids = [str(i) for i in item_ids]
+        self._index = {i: n for n, i in enumerate(self.item_ids)}
+        self.emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    def recommend(self, histories: list[list[str]], k: int, exclude_history: bool = False,
+                  batch_size: int = 512) -> list[list[str]]:
+        """Top-k item ids per history over the whole catalog; exclude_history drops items already in it."""
+        _check_k(k)
+        _check_known(histories, self._index)
+        out: list[list[str]] = []
+        for start in range(0, len(histories), batch_size):
+            chunk = histories[start:start + batch_size]
+            query = np.zeros((len(chunk), self.emb.shape[1]), np.float32)
+            for row, h in enumerate(chunk):
+                if h:
+                    query[row] = self.emb[[self._index[i] for i in h]].mean(axis=0)
+            query /= np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+            scores = query @ self.emb.T  # [B, N]
+            for row, h in enumerate(chunk):
+                if exclude_history and h:
+                    scores[row, [self._index[i] for i in h]] = -np.inf
+                top = np.argsort(-scores[row], kind="stable")[:k]  # best first, ties by catalog order
+                out.append([self.item_ids[i] for i in top if scores[row, i] > -np.inf])
         return out
 
 

@@ -164,6 +164,13 @@ def _cold_start_section(r: dict) -> str:
     if not isinstance(slices, dict) or not slices:
         return ""
     out = ["<h2>Cold-start slice</h2>"]
+    items = r.get("cold_items")
+    if isinstance(items, dict):
+        out.append(_p(f"{fmt_value(items.get('items'))} items held out of every training input "
+                      f"({fmt_value(items.get('by'))}); their SIDs come from the stored encoder and quantizer as an "
+                      f"admin add's do: {fmt_value(items.get('sids_exact'))} the quantizer's own codes, "
+                      f"{fmt_value(items.get('sids_nearest_free'))} the nearest free ones. Most-popular and SASRec "
+                      "never saw them and cannot rank them.", "muted"))
     for name, entry in slices.items():
         models = {k: v for k, v in entry.items() if isinstance(v, dict)}
         extras = ", ".join(f"{k}={fmt_value(v)}" for k, v in entry.items() if not isinstance(v, dict))

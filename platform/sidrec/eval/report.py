@@ -9,14 +9,38 @@ import numpy as np
 from sidrec.config import METRIC_KS as KS
 
 
-def format_table(report: dict) -> str:
-    """The Markdown table of a report: one row per model, HR/NDCG at 1, 5, 10."""
+def models_table(models: dict[str, dict]) -> str:
+    """A Markdown table: one row per model, HR/NDCG at 1, 5, 10."""
     cols = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg")]
     lines = ["| model | " + " | ".join(c.upper().replace("@", "@") for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for name, metrics in report["models"].items():
+    for name, metrics in models.items():
         lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
+
+
+def format_table(report: dict) -> str:
+    """The Markdown table of a report: one row per model, HR/NDCG at 1, 5, 10."""
+    return models_table(report["models"])
+
+
+def format_cold_start(report: dict) -> str:
+    """The cold-start part of a report (eval.cold_start): a table per slice, cold targets then warm; "" without."""
+    slices, items = report.get("cold_start"), report.get("cold_items") or {}
+    if not slices:
+        return ""
+    out = [f"## Cold start: {items.get('items')} items held out of training ({items.get('by')}, share "
+           f"{items.get('share')}); their SIDs from the stored encoder and quantizer, as an admin add "
+           f"({items.get('sids_exact')} the quantizer's own codes, {items.get('sids_nearest_free')} the nearest "
+           f"free ones). {items.get('examples_with_cold_history')} examples have a cold item in the history."]
+    if "new_item_slots" in items:
+        out[0] += (f" SID-LLM: {items['new_item_slots']} of the top-10 places reserved for added items; top-10 "
+                   f"places held by cold items: {items.get('cold_places')}.")
+    for name, entry in slices.items():
+        models = {k: v for k, v in entry.items() if isinstance(v, dict)}
+        out.append(f"### {name}: {entry.get('examples')} examples")
+        out.append(models_table(models) if models else "(no example)")
+    return "\n\n".join(out)
 
 
 def markdown(report: dict) -> str:
@@ -28,7 +52,8 @@ def markdown(report: dict) -> str:
     if report.get("unconstrained_invalid_share") is not None:
         tail = (f"\n\nUnconstrained beam search (no trie), {report['unconstrained_examples']} examples: "
                 f"{report['unconstrained_invalid_share']:.1%} of the top-10 outputs are not real items.\n")
-    return head + format_table(report) + tail + "\n"
+    cold = format_cold_start(report)
+    return head + format_table(report) + tail + (f"\n{cold}\n" if cold else "") + "\n"
 
 
 def chart_png(report: dict) -> bytes:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sidrec.config import PRESET, SidrecConfig
+from sidrec.data.cold_start import cold_items
 from sidrec.llm.instructions import template_corpus
 from sidrec.llm.model import add_sid_tokens, init_sid_rows_from_titles, load_base, save_model
 from sidrec.sids.tokens import used_tokens
@@ -21,9 +23,12 @@ CORPUS_COLUMNS = ("title", "brand", "categories", "description")
 
 
 def tokenizer_corpus(store: ArtifactStore) -> list[str]:
-    """Texts the preset's BPE tokenizer is trained on: catalog text, profiles and the prompt templates."""
+    """Texts the preset's BPE tokenizer is trained on: catalog text (not the held-out cold items'), profiles and
+    the prompt templates."""
     dpath = store.current_path("dataset")
     catalog = store.read_table(f"{dpath}/catalog.parquet")
+    if cold := set(cold_items(store)):
+        catalog = catalog.filter(pa.array([i not in cold for i in catalog.column("item_id").to_pylist()]))
     texts: list[str] = []
     for col in CORPUS_COLUMNS:
         if col in catalog.column_names:

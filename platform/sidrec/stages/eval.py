@@ -5,12 +5,12 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig, to_dict
-from sidrec.eval.evaluator import evaluate
+from sidrec.data import cold_start
+from sidrec.eval.evaluator import baseline_names, evaluate
 from sidrec.eval.report import chart_png, markdown
 from sidrec.eval.report_store import report_inputs, write_html_report
 from sidrec.stages.run import run_stage
@@ -30,7 +30,9 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
     chart, the HTML run report) with the command and full config it ran under."""
     model, sids, dataset = store.require("model"), store.require("sids"), store.require("dataset")
     inputs = {"model": model["fingerprint"], "sids": sids["fingerprint"], "dataset": dataset["fingerprint"]}
-    config = {"eval": asdict(cfg.eval), "train_on_valid": cfg.train.train_on_valid}
+    if "content" in baseline_names(cfg.eval):  # also what the cold items' SIDs are made from (eval.cold_start)
+        inputs["embeddings"] = store.require("embeddings")["fingerprint"]
+    config = {"eval": cold_start.eval_section(cfg.eval), "train_on_valid": cfg.train.train_on_valid}
 
     def body(run: StageRun) -> dict:
         init_ray(cfg.ray)

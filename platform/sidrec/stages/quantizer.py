@@ -1,4 +1,7 @@
-"""Stage ``quantizer``: an RQ-VAE / RQ-KMeans fitted on the embeddings in a Ray task, saved as safetensors."""
+"""Stage ``quantizer``: an RQ-VAE / RQ-KMeans fitted on the embeddings in a Ray task, saved as safetensors.
+
+The fit leaves out the cold items of ``eval.cold_start`` (`fit_input`): their codes come later, from the
+fitted quantizer, as a new item's do."""
 
 from __future__ import annotations
 
@@ -6,9 +9,12 @@ import logging
 import time
 from dataclasses import asdict
 
+import numpy as np
+
 from sidrec import console
 from sidrec.cluster import init_ray
 from sidrec.config import QuantizerConfig, SidrecConfig
+from sidrec.data import cold_start
 from sidrec.sids.embed import read_embeddings
 from sidrec.sids.quantize import fit_quantizer, quantizer_to_bytes, reconstruction_error
 from sidrec.stages.run import run_stage
@@ -17,10 +23,21 @@ from sidrec.store import ArtifactStore, StageRun
 log = logging.getLogger("sidrec")
 
 
-def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, sink: console.ProgressSink) -> dict:
+def fit_input(store: ArtifactStore, held_out: list[str]) -> tuple[list[str], np.ndarray]:
+    """(item ids, embeddings) the quantizer is fitted on: every embedded item but the held-out (cold) ones."""
+    ids, emb = read_embeddings(store)
+    if not held_out:
+        return ids, emb
+    skip = set(held_out)
+    keep = [r for r, i in enumerate(ids) if i not in skip]
+    return [ids[r] for r in keep], emb[keep]
+
+
+def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, held_out: list[str],
+                     sink: console.ProgressSink) -> dict:
     """Ray task body: read embeddings from the store, fit, write safetensors + JSON back to the store."""
     store = ArtifactStore(store_root)
-    _, emb = read_embeddings(store)
+    _, emb = fit_input(store, held_out)
     t0 = time.perf_counter()
 
     def progress(step: int, info: dict) -> None:
@@ -31,7 +48,8 @@ def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, sink
     fit_s = time.perf_counter() - t0
     for name, blob in quantizer_to_bytes(q).items():
         store.write_bytes(f"{out_path}/{name}", blob)
-    return {"items": len(emb), "fit_seconds": round(fit_s, 3), "epochs_run": len(q.history),
+    held = {"held_out_items": len(held_out)} if held_out else {}
+    return {"items": len(emb), **held, "fit_seconds": round(fit_s, 3), "epochs_run": len(q.history),
             "reconstruction_mse": float(reconstruction_error(q, emb))}
 
 
@@ -40,6 +58,7 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
     import ray
 
     emb = store.require("embeddings")
+    held_out = cold_start.cold_items(store) if cold_start.enabled(cfg.eval) else []
 
     def body(run: StageRun) -> dict:
         init_ray(cfg.ray)
@@ -47,6 +66,7 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
         task = ray.remote(num_cpus=max(1, cfg.quantize.num_threads))(_train_quantizer)
         steps = cfg.quantize.epochs if cfg.quantize.method == "rqvae" else cfg.quantize.levels
         with console.progress("quantizer fit", total=steps, unit="epoch") as sink:
-            return ray.get(task.remote(store.root, run.path, cfg.quantize, sink))
+            return ray.get(task.remote(store.root, run.path, cfg.quantize, held_out, sink))
 
-    return run_stage(store, "quantizer", asdict(cfg.quantize), {"embeddings": emb["fingerprint"]}, force, body)
+    inputs = {"embeddings": emb["fingerprint"]} | cold_start.stage_inputs(store, cfg.eval)
+    return run_stage(store, "quantizer", asdict(cfg.quantize), inputs, force, body)

@@ -1,4 +1,7 @@
-"""Stage ``sids``: codes assigned by Ray Data actors with the trained quantizer, collisions handled, reported."""
+"""Stage ``sids``: codes assigned by Ray Data actors with the trained quantizer, collisions handled, reported.
+
+The cold items of ``eval.cold_start`` get no SID here: the evaluation adds theirs after training, as an
+admin add would (`sidrec.eval.cold`)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pyarrow as pa
 
 from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig
+from sidrec.data import cold_start
 from sidrec.sids.codes import assign_collisions
 from sidrec.sids.embed import embeddings_to_numpy
 from sidrec.sids.quantize import encode_codes, quantizer_from_bytes
@@ -58,10 +62,13 @@ def assign_codes(store: ArtifactStore, cfg: SidrecConfig) -> pa.Table:
 
 def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
     quantizer, emb = store.require("quantizer"), store.require("embeddings")
+    held_out = set(cold_start.cold_items(store)) if cold_start.enabled(cfg.eval) else set()
 
     def body(run: StageRun) -> dict:
         init_ray(cfg.ray)
         table = assign_codes(store, cfg)
+        if held_out:
+            table = table.filter(pa.array([i not in held_out for i in table.column("item_id").to_pylist()]))
         item_ids = table.column("item_id").to_pylist()
         raw = np.asarray(table.column("codes").to_pylist(), dtype=np.int64)
         codes = assign_collisions(raw, cfg.sids.collision, max_extra=cfg.quantize.codebook_size)
@@ -76,4 +83,5 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
         return report["summary"]
 
     inputs = {"quantizer": quantizer["fingerprint"], "embeddings": emb["fingerprint"]}
+    inputs |= cold_start.stage_inputs(store, cfg.eval)
     return run_stage(store, "sids", asdict(cfg.sids), inputs, force, body)
