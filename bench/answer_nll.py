@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sidrec.llm.instructions import HISTORY_SEPARATOR
+from sidrec.config import InstructionConfig, section_from_dict
+from sidrec.llm.instructions import history_separator
 from sidrec.llm.sft import encode_prompt
 from sidrec.sids.tokens import LEVEL_PREFIXES
 from sidrec.store import ArtifactStore
@@ -76,7 +77,7 @@ def measure(root: str, rows: int) -> dict:
     counts = collections.Counter(r["response"] for r in train if r["task"] == "next_item")
     sid_of = store.sid_map()
     n_items = len(sid_of)
-    language = store.require("instructions")["config"].get("language", "en")
+    icfg = section_from_dict(InstructionConfig, store.require("instructions")["config"])
     history = {r["user_id"]: r for r in store.split("valid").to_pylist()}
     sums = collections.Counter()
     for r in valid:
@@ -86,7 +87,7 @@ def measure(root: str, rows: int) -> dict:
         sums["answer, level softmax"] += target_nll(model, tok, levels, prompt, target, True)
         hist = [sid_of[i] for i in history[r["user_id"]]["history"] if i in sid_of]
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []  # as encode_prompt, minus the "\n" tail
-        head = bos + tok.encode(history_prefix(r["prompt"], hist, HISTORY_SEPARATOR[language]),
+        head = bos + tok.encode(history_prefix(r["prompt"], hist, history_separator(icfg)),
                                 add_special_tokens=False)
         sums["history position, level softmax"] += target_nll(model, tok, levels, head, target, True)
         sums["popularity unigram"] -= math.log((counts.get(r["response"], 0) + 1) / (sum(counts.values()) + n_items))

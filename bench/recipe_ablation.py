@@ -7,7 +7,8 @@ Levers (see their help in sidrec.config):
 - ``train.loss_on``: ``response`` (the row's answer only) vs ``items`` (every history SID after the first too);
 - ``train.sid_softmax``: history SID labels scored among their level's tokens (``level``) or the whole
   vocabulary (``full``);
-- ``model.new_token_init``: ``mean`` vs ``titles`` (mostly matters for pretrained backbones).
+- ``model.new_token_init``: ``mean`` vs ``titles`` (mostly matters for pretrained backbones);
+- ``instructions.layout``: ``history_last`` (the answer is the history list's next line) vs ``question_last``.
 
     python bench/recipe_ablation.py [--config quickstart] [--store /tmp/ablation] [--variants old,recipe ...]
         [section.option=value ...]   # applied to every variant
@@ -29,15 +30,17 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.recipe_ablation")
 
 RECIPE = {"instructions.train_rows": "sequences", "train.loss_on": "items", "train.sid_softmax": "level",
-          "model.new_token_init": "titles"}
+          "model.new_token_init": "titles", "instructions.layout": "history_last"}
 VARIANTS = {  # name -> overrides on top of RECIPE (the shipped defaults)
     "recipe": {},
-    "old (examples rows + response loss + mean init)": {"instructions.train_rows": "examples",
-                                                        "train.loss_on": "response", "model.new_token_init": "mean"},
+    "old (examples rows + response loss + mean init + question last)": {
+        "instructions.train_rows": "examples", "train.loss_on": "response", "model.new_token_init": "mean",
+        "instructions.layout": "question_last"},
     "full softmax": {"train.sid_softmax": "full"},
     "examples rows": {"instructions.train_rows": "examples"},
     "response loss": {"train.loss_on": "response"},
     "mean init": {"model.new_token_init": "mean"},
+    "question_last layout": {"instructions.layout": "question_last"},
 }
 METRICS = ("hr@1", "ndcg@1", "hr@5", "ndcg@5", "hr@10", "ndcg@10")
 

@@ -207,3 +207,26 @@ def test_train_rows_sequences_vs_examples():
     valid = build_instructions("valid", _splits()["valid"], SID_OF, TITLES, PROFILES,
                                InstructionConfig(train_rows="sequences"))
     assert valid.num_rows == 4  # eval splits stay one row per example
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_history_last_layout_puts_the_answer_where_the_next_history_item_goes(language):
+    from sidrec.llm.instructions import next_item_prompt
+    from sidrec.llm.sft import PROMPT_SEPARATOR
+
+    cfg = InstructionConfig(layout="history_last", language=language)
+    history, target = ["i1", "i2", "i3"], "i4"
+    prompt = next_item_prompt("u0", history, SID_OF, "", cfg)
+    # one item per line at the end, and the answer (after the prompt separator) is the list's next line
+    assert prompt.split("\n")[-3:] == [SID_OF[i] for i in history]
+    rendered = prompt + PROMPT_SEPARATOR + SID_OF[target]
+    assert rendered.endswith("\n".join(SID_OF[i] for i in [*history, target]))
+    # the question comes before the list; the other layout keeps it after
+    assert prompt.index(SID_OF["i1"]) > 10
+    old = next_item_prompt("u0", history, SID_OF, "", InstructionConfig(language=language, layout="question_last"))
+    assert not old.rstrip().endswith(SID_OF["i3"])
+
+
+def test_layout_is_validated_with_its_name():
+    with pytest.raises(ConfigError, match="instructions.layout"):
+        InstructionConfig(layout="sideways")

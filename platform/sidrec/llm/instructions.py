@@ -68,9 +68,39 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         ],
     },
 }
+# instructions.layout=history_last: the question first, then one history item per line; the prompt
+# separator ("\n") after the last item makes the answer the list's next line.
+HISTORY_LAST_TEMPLATES: dict[str, list[str]] = {
+    "en": [
+        "{profile}Which item will the user click next? The user has clicked, in time order:\n{history}",
+        "{profile}Predict the next item the user will interact with. The user's history, oldest first:\n{history}",
+        "{profile}Recommend the item the user is most likely to choose next. Items the user engaged with, "
+        "in chronological order:\n{history}",
+        "{profile}What should be recommended to the user next? Items the user interacted with, from earliest "
+        "to latest:\n{history}",
+    ],
+    "zh": [
+        "{profile}用户接下来会点击哪个商品？用户按时间顺序点击了：\n{history}",
+        "{profile}请预测用户下一个会交互的商品。用户从早到晚的交互记录：\n{history}",
+        "{profile}请推荐用户最可能选择的下一个商品。用户依次浏览过这些商品：\n{history}",
+        "{profile}接下来应该向用户推荐什么商品？用户最近按顺序购买了：\n{history}",
+    ],
+}
 PROFILE_SENTENCE = {"en": "The user is {profile}. ", "zh": "用户是{profile}。"}
 HISTORY_SEPARATOR = {"en": ", ", "zh": "，"}
 EMPTY_HISTORY = {"en": "nothing yet", "zh": "暂无"}
+
+
+def next_item_templates(cfg: InstructionConfig) -> list[str]:
+    """The next-item paraphrases of ``cfg``'s language and layout."""
+    if cfg.layout == "history_last":
+        return HISTORY_LAST_TEMPLATES[cfg.language]
+    return TEMPLATES[cfg.language]["next_item"]
+
+
+def history_separator(cfg: InstructionConfig) -> str:
+    """What joins the history's SIDs in a next-item prompt (a line break in the history_last layout)."""
+    return "\n" if cfg.layout == "history_last" else HISTORY_SEPARATOR[cfg.language]
 
 
 def _pick(seed: int, task: str, key: str, n: int) -> int:
@@ -98,8 +128,8 @@ def next_item_prompt(user_id: str, history: list[str], sid_of: Mapping[str, str]
     if missing:
         raise ValueError(f"items without a SID in user {user_id!r}'s history: {missing[:5]}")
     history = history[-cfg.max_history:]
-    hist = HISTORY_SEPARATOR[cfg.language].join(sid_of[i] for i in history) or EMPTY_HISTORY[cfg.language]
-    templates = TEMPLATES[cfg.language]["next_item"]
+    hist = history_separator(cfg).join(sid_of[i] for i in history) or EMPTY_HISTORY[cfg.language]
+    templates = next_item_templates(cfg)
     key = f"{user_id}|{len(history)}|{history[-1] if history else ''}"
     template = templates[_pick(cfg.seed, "next_item", key, len(templates))]
     return template.format(profile=_profile_sentence(profile, cfg), history=hist)
@@ -233,6 +263,6 @@ def template_corpus() -> list[str]:
     for lang, tasks in TEMPLATES.items():
         texts.append(PROFILE_SENTENCE[lang].format(profile=""))
         texts.append(EMPTY_HISTORY[lang])
-        for templates in tasks.values():
+        for templates in [*tasks.values(), HISTORY_LAST_TEMPLATES[lang]]:
             texts += [t.format(profile="", history="", sid="", title="") for t in templates]
     return texts
