@@ -9,7 +9,8 @@ annotated type, checks the bounds declared on the field and the section's cross-
 the command line or in Serve's `user_config` fails before any work starts.
 
 This module is a leaf: it imports no other sidrec module and nothing heavier than PyYAML, so the CLI's
-`--help`, the Serve ingress and the cluster-config check load it for free.
+`--help`, the Serve ingress and the cluster-config check load it for free. The Serve app's own sections
+(``ServeSettings``, ``ServeAppConfig``) are built the same way in `sidrec.serve.settings`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -34,6 +34,8 @@ TOP_K = max(METRIC_KS)  # items ranked per example
 NUM_BEAMS = 20  # constrained beam width (the published protocols' beam 20)
 MAX_HISTORY = 20  # most recent items of a history kept in an example and in a prompt
 CODEBOOK_SIZE = 256  # codes per quantizer level
+NEW_ITEM_SLOTS = 1  # top-10 places kept for items added after training (Recommender.recommend): the least
+# that lets a new item be seen; a list costs at most its 10th item, only when it holds no new item
 
 
 class ConfigError(ValueError):
@@ -252,6 +254,9 @@ class InstructionConfig(Section):
         factory=lambda: {"next_item": 1.0, "sid_to_title": 1.0, "title_to_sid": 1.0},
         help="next_item: 1 = every example once, 0 = none; alignment tasks: rows = round(weight * items)")
     use_profile: bool = opt(True, "prepend 'The user is {profile}.' when the user has a profile")
+    layout: Literal["question_last", "history_last"] = opt(
+        "history_last", "next-item prompt: question_last = history, then the question, then the answer; "
+        "history_last = the question, then the history one item per line, the answer on the next line")
     # "sequences" with train.loss_on=items is the all-positions objective (SASRec, GRID): every train target
     # is a label once per epoch, at ~max_history times fewer rows than one overlapping window per example.
     train_rows: Literal["examples", "sequences"] = opt(
@@ -356,7 +361,7 @@ class SASRecConfig(Section):
             self.fail("num_heads", f"a divisor of hidden_size ({self.hidden_size})")
 
 
-BASELINES = ("most_popular", "sasrec")
+BASELINES = ("most_popular", "sasrec", "content")  # content (text-embedding cosine): opt-in, cold start runs it
 
 
 @dataclass
@@ -371,11 +376,16 @@ class EvalConfig(Section):
     cpus_per_actor: float = opt(0.5, "CPUs per actor (torch uses max(1, floor(this)) threads)", gt=0)
     gpus_per_actor: float = opt(0.0, "GPUs per actor (0 = CPU; 1 = one GPU each, bf16)", ge=0)
     max_examples: int = opt(0, "evaluate a seeded sample of this many examples (0 = all)", ge=0)
-    baselines: list[str] = opt(factory=lambda: list(BASELINES), help="baselines ranked on the same examples")
+    baselines: list[str] = opt(factory=lambda: list(BASELINES[:2]), help="baselines ranked on the same examples")
     unconstrained_sample: int = opt(200, "examples also decoded without the trie to count invalid outputs (0 = skip)",
                                     ge=0)
     seed: int = opt(0, "sampling seed (max_examples, unconstrained_sample)", ge=0)
     sasrec: SASRecConfig = opt(factory=SASRecConfig, help="SASRec baseline hyper-parameters")
+    cold_start: float = opt(0.0, "items held out of training (share; sidrec.data.cold_start)", ge=0, lt=1)
+    cold_start_by: Literal["newest", "random"] = opt("newest", "cold items: latest first interaction, or random")
+    cold_start_seed: int = opt(0, "seed of cold_start_by=random", ge=0)
+    new_item_slots: int = opt(NEW_ITEM_SLOTS, "top-10 places reserved for the added (cold) items "
+                              "(Recommender.recommend; 0 = the model's own list)", ge=0, lt=TOP_K)
 
     def check(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -402,49 +412,6 @@ class SidrecConfig(Section):
         if self.eval.split == "valid" and self.train.train_on_valid:
             raise ConfigError("eval.split is 'valid' but train.train_on_valid is true: the model trained on those "
                               "targets; evaluate on 'test'")
-
-
-# ============================================================================================ serving
-@dataclass
-class ServeSettings(Section):
-    """The Recommender deployment's ``user_config``: changing it reloads the replicas, no restart."""
-
-    section: ClassVar[str] = "user_config"
-    store_root: str = opt("", "absolute path or URI (s3://...) of the artifact store to serve")
-    num_beams: int = opt(NUM_BEAMS, "beam width; requests may ask for k <= num_beams", ge=1, le=512)
-    scoring: Literal["raw", "renormalized"] = opt("raw", "beam scores: raw log-probs or renormalized")
-    device: str | None = opt(None, "torch device; default cuda if available, else cpu")
-    api_key: str | None = opt(None, "key of the admin endpoints (X-API-Key); at least 8 characters")
-    api_key_env: str | None = opt("SIDREC_API_KEY", "env var on the replicas holding the admin key when "
-                                  "api_key is unset; with neither, the admin endpoints answer 403")
-    max_batch_size: int = opt(16, "most requests decoded together by @serve.batch", ge=1, le=1024)
-    batch_wait_timeout_s: float = opt(0.01, "longest wait for a batch to fill", ge=0, le=5)
-    torch_threads: int | None = opt(None, "torch threads per replica (default: its CPUs, rounded up)", ge=1)
-    reload_token: str | int | None = opt(None, "change it to force a reload of the store")
-
-    def check(self) -> None:
-        if not self.store_root.strip():
-            self.fail("store_root", "given")
-        if "://" not in self.store_root and not os.path.isabs(self.store_root):
-            self.fail("store_root", "an absolute path or a URI (replicas do not run in your working directory)")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ConfigError("user_config.api_key must be at least 8 characters")
-
-    def load_key(self) -> tuple:
-        """What forces a model reload when it changes (the rest is applied in place)."""
-        return (self.store_root, self.num_beams, self.scoring, self.device, self.reload_token)
-
-
-@dataclass
-class ServeAppConfig(Section):
-    """Options of the Serve application itself (``build_app`` args besides the ``ServeSettings`` keys)."""
-
-    section: ClassVar[str] = "args"
-    num_replicas: int | None = opt(None, "Recommender replicas (default: the deployment's)", ge=1)
-    num_cpus: float | None = opt(None, "CPUs per Recommender replica", gt=0)
-    num_gpus: float | None = opt(None, "GPUs per Recommender replica", ge=0)
-    max_body_bytes: int = opt(64 * 1024, "request bodies over this size get 413", ge=1024)
-    retries: int = opt(2, "re-sends of a read whose replica died mid-request", ge=0, le=5)
 
 
 # ============================================================================================ loading

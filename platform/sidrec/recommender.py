@@ -9,18 +9,20 @@ answers come from the same prompt rendering and the same decoder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import ChainMap
+from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from sidrec.config import CODEBOOK_SIZE, NUM_BEAMS, TOP_K, InstructionConfig, section_from_dict
-from sidrec.decode.beam import Hit, Scoring, SidDecoder
+from sidrec.decode.beam import Hit, Scoring, SidDecoder, sid_token_table
 from sidrec.llm.instructions import next_item_prompt
 from sidrec.llm.sft import encode_prompt
 from sidrec.sids.index import SidIndex
-from sidrec.sids.tokens import render_sid
+from sidrec.sids.tokens import parse_sid, render_sid
 from sidrec.store import ArtifactStore
 
 
@@ -42,12 +44,14 @@ class Recommender:
                  model_version: str = "", codebook_size: int = CODEBOOK_SIZE):
         self.model, self.tokenizer = model, tokenizer
         self.icfg, self.max_length = icfg, max_length
-        self.titles = titles
         self.profiles = profiles or {}
         self.model_version = model_version
-        self.index = SidIndex.from_table(sids, codebook_size)
-        self.sid_of = dict(zip(sids["item_id"].to_pylist(), sids["sid"].to_pylist(), strict=True))
-        self.decoder = SidDecoder(model, tokenizer, self.index, num_beams=num_beams, scoring=scoring)
+        index = SidIndex.from_table(sids, codebook_size)
+        self.decoder = SidDecoder(model, tokenizer, index, num_beams=num_beams, scoring=scoring)
+        self.catalog = LiveCatalog(index, sid_map(sids), titles, self.decoder.tokens.cpu().numpy())
+        # the catalog's own objects, changed in place by catalog changes (never rebound)
+        self.index, self.sid_of, self.titles = self.catalog.index, self.catalog.sid_of, self.catalog.titles
+        self.new_items = NewItemSlots(self.decoder)
         # room left for the prompt once the SID tokens (and eos) are appended, as in training
         self.max_prompt_tokens = max_length - self.index.levels - 1
 
@@ -75,22 +79,27 @@ class Recommender:
 
     # ------------------------------------------------------------------------------------------- queries
     def check_items(self, items: Sequence[str]) -> None:
-        """Raise UnknownItemsError naming every id that has no SID."""
-        unknown = list(dict.fromkeys(i for i in items if i not in self.sid_of))
+        """Raise UnknownItemsError naming every id that is neither present nor retired (a history may hold
+        retired items: the model still reads their SIDs, it just never returns them)."""
+        known = self.catalog.history_sids
+        unknown = list(dict.fromkeys(i for i in items if i not in known))
         if unknown:
             raise UnknownItemsError(unknown)
 
     def prompt_ids(self, history: Sequence[str], profile: str = "", user_id: str = "") -> list[int]:
         """Token ids of the next-item prompt, exactly as training rendered it (history capped, left-truncated)."""
-        prompt = next_item_prompt(user_id, list(history), self.sid_of, profile, self.icfg)
+        prompt = next_item_prompt(user_id, list(history), self.catalog.history_sids, profile, self.icfg)
         return encode_prompt(prompt, self.tokenizer, self.max_prompt_tokens)
 
     def recommend(self, histories: Sequence[Sequence[str]], k: int = TOP_K, exclude_history: bool = False,
                   profiles: Sequence[str] | None = None, user_ids: Sequence[str] | None = None,
-                  constrained: bool = True) -> list[list[Hit]]:
+                  constrained: bool = True, new_item_slots: int = 0) -> list[list[Hit]]:
         """Top-``k`` items per history (oldest first). ``profiles`` default to the stored profile of each
         ``user_ids`` entry (when known). Unknown item ids raise UnknownItemsError; a request with neither
-        history nor profile raises ValueError (a cold user needs a profile)."""
+        history nor profile raises ValueError (a cold user needs a profile). ``new_item_slots`` > 0 keeps up
+        to that many of the k places (never the first) for items added after training: `NewItemSlots`."""
+        if new_item_slots < 0:
+            raise ValueError(f"new_item_slots must be >= 0, got {new_item_slots}")
         n = len(histories)
         user_ids = list(user_ids) if user_ids is not None else [""] * n
         if profiles is None:
@@ -102,29 +111,179 @@ class Recommender:
         if empty:
             raise ValueError(f"requests {empty[:10]} have an empty history and no profile: nothing to recommend from")
         prompts = [self.prompt_ids(h, p, u) for h, p, u in zip(histories, profiles, user_ids, strict=True)]
-        exclude = [set(h) for h in histories] if exclude_history and constrained else None
-        return self.decoder.search(prompts, k=k, exclude=exclude, constrained=constrained)
+        exclude = ([{i for i in h if i in self.sid_of} for h in histories]   # retired ones can't come back anyway
+                   if exclude_history and constrained else None)
+        hits = self.decoder.search(prompts, k=k, exclude=exclude, constrained=constrained)
+        if new_item_slots and constrained:
+            hits = self.new_items.reserve(hits, prompts, exclude, k, new_item_slots)
+        return hits
 
     def top_items(self, histories: Sequence[Sequence[str]], k: int = TOP_K, **kw) -> list[list[str]]:
         """Item ids only, best first (the evaluator's view)."""
         return [[i for h in hits for i in h.items][:k] for hits in self.recommend(histories, k, **kw)]
 
-    def add_items(self, item_ids: Sequence[str], codes: np.ndarray, titles: Sequence[str]) -> list[str]:
-        """Make new catalog items recommendable at once (cold start): SIDs go to the index's delta part.
-        Returns their SID strings. Codes must use tokens the model already has."""
+    def add_items(self, item_ids: Sequence[str], codes: np.ndarray, titles: Sequence[str],
+                  replace: bool = False) -> list[str]:
+        """Make new catalog items recommendable at once (cold start); see ``LiveCatalog.add``."""
+        return self.catalog.add(item_ids, codes, titles, replace=replace)
+
+    def retire_items(self, item_ids: Sequence[str]) -> list[str]:
+        """Never return these items again; see ``LiveCatalog.retire``."""
+        return self.catalog.retire(item_ids)
+
+
+class NewItemSlots:
+    """Top-k places reserved for the items added after training (TIGER's epsilon idea, as a reservation).
+
+    Why: a new item's SID often lies on a code path no training target took, so the model's beams rarely
+    reach it even when it is the best new item for the user (on ml-100k with the newest 10% held out, none of
+    9,430 top-10 places went to one). The reserved places still come from the model: a second constrained
+    search with the same prompts, over a ``SidIndex`` of the added items alone, the live rows of the index's
+    delta part (``add`` / a catalog add or update, until ``compact``). It is rebuilt when the index
+    version changes, so a retired item, gone from the delta's live rows, is never offered.
+
+    Merge, per request: when the model's own top-k already holds ``slots`` new items it is unchanged;
+    otherwise the best new items not in it replace its lowest-ranked old items, so the list holds
+    min(slots, k - 1, live new items) new items at least. The first place is never taken (a k=1 request is
+    the model's own answer). Under raw scoring both searches give an SID the same log-probability, so the
+    merged list is ordered by score (a new item the full search pruned early can rank above old ones);
+    renormalized scores of the small trie are not comparable, so there the new items take the last places."""
+
+    def __init__(self, decoder: SidDecoder):
+        self.main = decoder
+        self.ids: frozenset[str] = frozenset()   # the live added items the cached decoder ranks
+        self._decoder: SidDecoder | None = None
+        self._version = -1
+
+    def decoder(self) -> SidDecoder | None:
+        """The search over the live added items (None without any), rebuilt on an index change."""
+        index = self.main.index
+        if self._version == index.version:
+            return self._decoder
+        delta = index.delta
+        rows = delta.live_rows() if delta is not None else np.zeros(0, np.int64)
+        self._decoder, self.ids = None, frozenset()
+        if rows.size and delta is not None:
+            ids = [str(index.item_of_row(index.n_main_rows + int(r))) for r in rows.tolist()]
+            added = SidIndex.build(delta.codes(), ids, index.codebook_size)  # codes(): live rows, in row order
+            self._decoder = SidDecoder(self.main.model, self.main.tokenizer, added, self.main.num_beams,
+                                       self.main.scoring)
+            self.ids = frozenset(ids)
+        self._version = index.version
+        return self._decoder
+
+    def reserve(self, hits: list[list[Hit]], prompts: Sequence[Sequence[int]],
+                exclude: Sequence[Collection[str]] | None, k: int, slots: int) -> list[list[Hit]]:
+        """``hits`` (the full search's top-k per prompt) with the reserved places filled; see the class."""
+        slots = min(slots, k - 1)
+        decoder = self.decoder()
+        if decoder is None or slots <= 0:
+            return hits
+        need = [r for r, h in enumerate(hits) if sum(i in self.ids for x in h for i in x.items) < slots]
+        if not need:
+            return hits
+        ex = None if exclude is None else [[i for i in exclude[r] if i in self.ids] for r in need]
+        extra = decoder.search([prompts[r] for r in need], k=min(slots, decoder.num_beams), exclude=ex)
+        out = list(hits)
+        for r, more in zip(need, extra, strict=True):
+            out[r] = merge_new(hits[r], more, k, slots, self.ids, by_score=self.main.scoring == "raw")
+        return out
+
+
+def merge_new(main: list[Hit], extra: list[Hit], k: int, slots: int, new_ids: AbstractSet[str],
+              by_score: bool) -> list[Hit]:
+    """One request's top-k ``main`` with up to ``slots`` new items in all: the best of ``extra`` not shown
+    yet replace the lowest-ranked items of ``main`` that are not new (see ``NewItemSlots``)."""
+    shown = {i for h in main for i in h.items}
+    want = slots - sum(i in new_ids for i in shown)
+    fresh: list[Hit] = []
+    for h in extra:
+        items = [i for i in h.items if i not in shown][:want - sum(len(f.items) for f in fresh)]
+        if items:
+            fresh.append(Hit(h.sid, h.codes, h.score, items))
+    if not fresh:
+        return main
+    budget = k - sum(i in new_ids for i in shown) - sum(len(f.items) for f in fresh)  # old items kept
+    kept: list[Hit] = []
+    for h in main:
+        items = []
+        for i in h.items:
+            if i in new_ids or budget > 0:
+                items.append(i)
+                budget -= i not in new_ids
+        if items:
+            kept.append(h if len(items) == len(h.items) else Hit(h.sid, h.codes, h.score, items))
+    merged = kept + fresh
+    return sorted(merged, key=lambda h: -h.score) if by_score else merged
+
+
+def sid_map(sids: pa.Table) -> dict[str, str]:
+    """item_id -> SID string of a ``sids.parquet`` table."""
+    return dict(zip(sids["item_id"].to_pylist(), sids["sid"].to_pylist(), strict=True))
+
+
+class LiveCatalog:
+    """The items a Recommender may return: the SID index and the id -> SID / title maps, changed in place
+    as catalog changes arrive (``add`` / ``retire``). It holds no model, so a batch tool can keep the same
+    state as a Serve replica (``from_store`` reads the token table from the tokenizer alone).
+
+    ``retired`` keeps the last SID of each retired item: a history may still name it (the prompt shows its
+    SID, as in training), but the index no longer has it, so no search returns it; under the ``keep``
+    policy the other items of a shared SID stay."""
+
+    def __init__(self, index: SidIndex, sid_of: dict[str, str], titles: dict[str, str], tokens: np.ndarray):
+        self.index, self.sid_of, self.titles = index, sid_of, titles
+        self.tokens = np.asarray(tokens)                  # [L, K] SID token ids of the model, -1 if absent
+        self.retired: dict[str, str] = {}
+        self.history_sids: Mapping[str, str] = ChainMap(self.sid_of, self.retired)
+
+    @classmethod
+    def from_store(cls, store: ArtifactStore) -> LiveCatalog:
+        """The published catalog of a store (sids, titles, the model's SID tokens), without the model."""
+        from transformers import AutoTokenizer
+
+        sids = store.sid_table()
+        codebook = int(store.require("quantizer")["config"].get("codebook_size", CODEBOOK_SIZE))
+        index = SidIndex.from_table(sids, codebook)
+        tokenizer = AutoTokenizer.from_pretrained(store.fetch_model_dir())
+        tokens = sid_token_table(tokenizer, index.levels, index.codebook_size).numpy()
+        return cls(index, sid_map(sids), store.titles(), tokens)
+
+    def codes_of(self, item_id: str, retired: bool = False) -> tuple[int, ...] | None:
+        """The SID codes of a present item (or, with ``retired``, the last ones of a retired item); None
+        if absent."""
+        sid = self.sid_of.get(item_id) or (self.retired.get(item_id) if retired else None)
+        return None if sid is None else tuple(parse_sid(sid))
+
+    def add(self, item_ids: Sequence[str], codes: np.ndarray, titles: Sequence[str],
+            replace: bool = False) -> list[str]:
+        """Add items (their SIDs go to the index's delta part); ``replace`` lets a present id take new codes
+        (an update: the old row is retired). A retired id comes back only when added again. Returns the SID
+        strings. Codes must use tokens the model already has."""
+        item_ids = [str(i) for i in item_ids]
         codes = np.asarray(codes, dtype=np.int64).reshape(len(item_ids), -1)
         dup = [i for i in item_ids if i in self.sid_of]
-        if dup:
+        if dup and not replace:
             raise ValueError(f"item ids already in the catalog: {dup[:10]}")
         if codes.shape[1] != self.index.levels:
             raise ValueError(f"new items need {self.index.levels} codes, got {codes.shape[1]}")
-        tokens = self.decoder.tokens.cpu()
-        lacking = [render_sid(c) for c in codes if any(int(tokens[lv, x]) < 0 for lv, x in enumerate(c))]
+        lacking = [render_sid(c) for c in codes if any(int(self.tokens[lv, x]) < 0 for lv, x in enumerate(c))]
         if lacking:
             raise ValueError(f"SIDs need tokens the model lacks: {lacking[:5]}")
-        self.index.add(codes, [str(i) for i in item_ids])
+        self.index.add(codes, item_ids)
         sids = [render_sid(c) for c in codes]
         for i, s, t in zip(item_ids, sids, titles, strict=True):
-            self.sid_of[str(i)] = s
-            self.titles[str(i)] = t
+            self.sid_of[i] = s
+            self.titles[i] = t
+            self.retired.pop(i, None)
         return sids
+
+    def retire(self, item_ids: Sequence[str]) -> list[str]:
+        """Retire present items: the index tombstones them (a SID left without a present item can no longer
+        be reached), and they leave ``sid_of`` / ``titles``. Returns the ids that were present."""
+        present = [i for i in dict.fromkeys(str(i) for i in item_ids) if i in self.sid_of]
+        self.index.remove(present)
+        for i in present:
+            self.retired[i] = self.sid_of.pop(i)
+            self.titles.pop(i, None)
+        return present

@@ -46,17 +46,18 @@ def catalog(root: str) -> tuple[dict[str, str], dict[str, str]]:
 
 # ============================================================== reload: the swap itself, no HTTP
 @pytest.mark.slow
-def test_reconfigure_swaps_the_model_without_failing_requests(trained_store):
+def test_reconfigure_swaps_the_model_without_failing_requests(trained_store, tmp_path):
     """reconfigure() with a new user_config under concurrent requests: every request is answered, the
-    model object is swapped, added items survive, settings-only changes do not reload, and a failed reload
-    keeps the old model serving. (@serve.batch needs a replica, so batches go to ``run_batch``, the body
-    each batch call runs.)"""
+    model object is swapped, added items survive (the new model replays the store's catalog log),
+    settings-only changes do not reload, and a failed reload keeps the old model serving. (@serve.batch
+    needs a replica, so batches go to ``run_batch``, the body each batch call runs.)"""
     import torch
 
     from sidrec.config import ConfigError
     from sidrec.serve.deployment import RecommenderDeployment
 
-    _, root = trained_store
+    root = str(tmp_path / "store")  # a copy: the admin write goes to the store's catalog log
+    shutil.copytree(trained_store[1], root)
     threads = torch.get_num_threads()
     base = {"store_root": root, "num_beams": 10, "max_batch_size": 4, "torch_threads": threads,
             "api_key": "deploy-test-key"}
@@ -85,6 +86,7 @@ def test_reconfigure_swaps_the_model_without_failing_requests(trained_store):
         assert d.recommender is not first and d.health()["loads"] == 2
         item = await d.item("kept-1")
         assert item["source"] == "added" and item["sid"] == added["items"][0]["sid"]
+        assert d.health()["catalog_version"] == 1
         await d.reconfigure({**base, "reload_token": 1, "max_batch_size": 2})   # batching only
         assert d.health()["loads"] == 2 and d.health()["max_batch_size"] == 2
         current = d.recommender
@@ -95,6 +97,7 @@ def test_reconfigure_swaps_the_model_without_failing_requests(trained_store):
         assert "items" in ok and bad["error"]["error"] == "k_out_of_range"
         [found] = await d.run_batch("search", [{"title": "A New Film (2030)", "k": 10}])
         assert len(found["items"]) == 10
+        await d.stop_polling()
 
     asyncio.run(main())
     torch.set_num_threads(threads)

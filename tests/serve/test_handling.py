@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidrec.config import ConfigError, ServeSettings, section_from_dict
+from sidrec.config import ConfigError, section_from_dict
+from sidrec.serve.settings import ServeSettings
 
 pytest.importorskip("httpx")
 
@@ -110,6 +111,15 @@ class FakeBackend:
         self.calls.append(("add_items", items, api_key))
         return self.replies["add_items"]
 
+    async def retire_items(self, item_ids, api_key):
+        self.calls.append(("retire_items", item_ids, api_key))
+        return self.replies.get("retire_items", {"retired": item_ids, "unknown": [], "version": 2,
+                                                 "scope": "store", "replica": "r1"})
+
+    async def catalog_version(self):
+        self.calls.append(("catalog_version",))
+        return {"version": 2, "applied": 1, "replica": "r1"}
+
     async def health(self):
         return self.replies.get("health", {"status": "ok"})
 
@@ -161,10 +171,16 @@ def test_http_app_validates_and_maps_errors():
              401, "missing_api_key")
         assert backend.calls[-1] == ("add_items", [{"item_id": "5", "title": "A", "brand": "", "categories": "",
                                                     "description": ""}], "s3cret")
+        r = c.post("/v1/items/retire", json={"item_ids": ["a", 7]}, headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 200 and r.json()["retired"] == ["a", "7"] and r.json()["scope"] == "store"
+        assert backend.calls[-1] == ("retire_items", ["a", "7"], "s3cret")
+        for bad in ({"item_ids": []}, {"item_ids": "a"}, {"ids": ["a"]}, {"item_ids": [["a"]]}):
+            error_body(c.post("/v1/items/retire", json=bad), 422, "invalid_request")
+        assert c.get("/v1/catalog/version").json() == {"version": 2, "applied": 1, "replica": "r1"}
         error_body(c.get("/v1/nothing-here"), 404, "not_found")
         error_body(c.get("/v1/recommend"), 405, "method_not_allowed")
-        assert {"/v1/recommend", "/v1/items/{item_id}", "/v1/items/search", "/v1/items", "/healthz"} <= set(
-            c.get("/openapi.json").json()["paths"])
+        assert {"/v1/recommend", "/v1/items/{item_id}", "/v1/items/search", "/v1/items", "/v1/items/retire",
+                "/v1/catalog/version", "/healthz"} <= set(c.get("/openapi.json").json()["paths"])
         assert c.get("/docs").status_code == 200
     assert ("/v1/recommend", "POST", 200) in metrics.seen and ("/v1/items/{item_id}", "GET", 404) in metrics.seen
     assert ("unmatched", "GET", 404) in metrics.seen
@@ -222,7 +238,7 @@ class _Handle:
         self.__dict__.update(methods)
 
 
-def test_client_retries_reads_only():
+def test_client_retries_reads_and_idempotent_writes():
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
@@ -230,12 +246,15 @@ def test_client_retries_reads_only():
 
     async def main():
         rec = _Method([RayActorError(), RayActorError(), {"items": []}])
-        add = _Method([RayActorError()])
+        # catalog writes are idempotent (same text -> "unchanged", retired stays retired): re-sent too
+        add = _Method([RayActorError(), {"items": [], "version": 4}])
+        retire = _Method([RayActorError(), RayActorError(), RayActorError()])
         busy = _Method([BackPressureError(num_queued_requests=5, max_queued_requests=5)])
-        client = RecommenderClient(_Handle(recommend=rec, add_items=add, search=busy), retries=2)
+        client = RecommenderClient(_Handle(recommend=rec, add_items=add, retire_items=retire, search=busy), retries=2)
         assert await client.recommend({"k": 1}) == {"items": []} and rec.calls == 3   # re-sent twice
-        out = await client.add_items([], api_key=None)                             # a write: never re-sent
-        assert out["status"] == 503 and out["error"]["error"] == "unavailable" and add.calls == 1
+        assert await client.add_items([], api_key=None) == {"items": [], "version": 4} and add.calls == 2
+        out = await client.retire_items(["1"], api_key=None)
+        assert out["status"] == 503 and out["error"]["error"] == "unavailable" and retire.calls == 3
         out = await client.search({"k": 1})
         assert out["status"] == 503 and "BackPressureError" in out["error"]["detail"] and busy.calls == 1
         none = _Method([RayActorError()])

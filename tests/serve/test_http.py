@@ -3,11 +3,13 @@ fixture: every endpoint, every bad-input case, cold-start items, concurrent requ
 the class fixture."""
 
 import json
+import shutil
 import threading
 import time
 
 import pytest
 
+from sidrec.catalog.log import CatalogLog
 from tests.serve.test_deploy import API_KEY, catalog, free_port
 from tests.serve.test_handling import error_body
 
@@ -16,13 +18,15 @@ httpx = pytest.importorskip("httpx")
 
 # ===================================================================== the app in-process, over HTTP
 @pytest.fixture(scope="class")
-def served(trained_store):
-    """The app on the session's local Ray, HTTP on 127.0.0.1:<free port>; Serve shut down afterwards."""
+def served(trained_store, tmp_path_factory):
+    """The app on the session's local Ray, HTTP on 127.0.0.1:<free port>; Serve shut down afterwards. It
+    serves a copy of the store: the admin test writes to the store's catalog log."""
     from ray import serve
 
     from sidrec.serve.app import build_app
 
-    _, root = trained_store
+    root = str(tmp_path_factory.mktemp("served") / "store")
+    shutil.copytree(trained_store[1], root)
     port = free_port()
     t0 = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -141,7 +145,7 @@ class TestHTTP:
             found += item in {it["item_id"] for it in body["items"]}
         print(f"title search: asked-for item in the top 5 for {found}/{len(asked)} titles")
 
-    def test_admin_adds_cold_start_items(self, served):
+    def test_admin_catalog_writes_go_to_the_store(self, served):
         client, root = served
         titles, sids = catalog(root)
         new = {"items": [
@@ -150,31 +154,41 @@ class TestHTTP:
         ]}
         error_body(client.post("/v1/items", json=new), 401, "missing_api_key")
         error_body(client.post("/v1/items", json=new, headers={"X-API-Key": "wrong"}), 403, "invalid_api_key")
+        error_body(client.post("/v1/items/retire", json={"item_ids": ["1"]}), 401, "missing_api_key")
         auth = {"X-API-Key": API_KEY}
-        error_body(client.post("/v1/items", json={"items": [{"item_id": "1", "title": "x"}]}, headers=auth),
-             409, "items_exist")
         error_body(client.post("/v1/items", json={"items": [{"item_id": "a", "title": "x"}] * 2}, headers=auth),
              422, "duplicate_items")
         error_body(client.post("/v1/items", json={"items": []}, headers=auth), 422, "invalid_request")
         error_body(client.post("/v1/items", json={"items": [{"item_id": "b"}]}, headers=auth), 422, "invalid_request")
+        assert client.get("/v1/catalog/version").json()["version"] == 0
         r = client.post("/v1/items", json=new, headers=auth)
         assert r.status_code == 200, r.text
-        added = {i["item_id"]: i for i in r.json()["items"]}
-        assert r.json()["scope"] == "replica"
+        body = r.json()
+        added = {i["item_id"]: i for i in body["items"]}
+        assert body["scope"] == "store" and body["version"] == 1 and body["replica"]
+        assert {a["action"] for a in added.values()} == {"added"}
+        assert CatalogLog(root).head() == 1   # durable in the store before the answer
         # distinct SIDs that no catalog item has; an exact copy of item 1's text gets item 1's codes with
         # another dedup code
         assert len({a["sid"] for a in added.values()}) == 2 and not {a["sid"] for a in added.values()} & set(
             sids.values())
-        if added["new-2"]["exact_codes"]:
+        if added["new-2"]["exact"]:
             assert added["new-2"]["sid"].rsplit("<", 1)[0] == sids["1"].rsplit("<", 1)[0]
         for item_id, a in added.items():
             got = client.get(f"/v1/items/{item_id}").json()
-            assert got["sid"] == a["sid"] and got["source"] == "added"
-        error_body(client.post("/v1/items", json=new, headers=auth), 409, "items_exist")
+            assert got["sid"] == a["sid"] and got["source"] == "added" and got["catalog_version"] == 1
+        # re-sending is idempotent: nothing written, same SIDs
+        again = client.post("/v1/items", json=new, headers=auth).json()
+        assert again["version"] == 1 and {i["action"] for i in again["items"]} == {"unchanged"}
+        assert {i["item_id"]: i["sid"] for i in again["items"]} == {k: a["sid"] for k, a in added.items()}
+        # a known id with new text is an update
+        upd = client.post("/v1/items", json={"items": [{"item_id": "new-2", "title": "A Western (2031)",
+                                                        "categories": "Western"}]}, headers=auth).json()
+        assert upd["version"] == 2 and upd["items"][0]["action"] == "updated"
+        assert client.get("/v1/items/new-2").json()["title"] == "A Western (2031)"
         # recommendable at once: exclude every item but new-1 and 19 catalog items of distinct first codes
         # (20 = num_beams SIDs in 20 first-level branches: the beam search must return exactly these 20)
-        first = new_first = added["new-1"]["sid"].split(">")[0]
-        keep, seen = [], {new_first}
+        keep, seen = [], {added["new-1"]["sid"].split(">")[0]}
         for item, sid in sids.items():
             first = sid.split(">")[0]
             if first not in seen and len(keep) < 19:
@@ -188,14 +202,26 @@ class TestHTTP:
         hits = client.post("/v1/items/search", json={"title": "Toy Story 5 (2031)", "k": 20}).json()["items"]
         print(f"title search for the added item: rank {[i['item_id'] for i in hits].index('new-1') + 1}"
               if "new-1" in {i["item_id"] for i in hits} else "title search: added item not in the top 20")
+        # retire: gone from answers and lookups, idempotent, unknown ids named
+        out = client.post("/v1/items/retire", json={"item_ids": ["new-1", keep[0], "nope"]}, headers=auth).json()
+        assert out == {"retired": ["new-1", keep[0]], "unknown": ["nope"], "version": 3, "scope": "store",
+                       "replica": out["replica"]}
+        b = error_body(client.get("/v1/items/new-1"), 404, "retired_item")
+        assert b["catalog_version"] == 3
+        body = client.post("/v1/recommend", json={"history": history, "k": 20}).json()
+        assert {i["item_id"] for i in body["items"]} == set(keep[1:])    # only what is left of the 20
+        again = client.post("/v1/items/retire", json={"item_ids": ["new-1"]}, headers=auth).json()
+        assert again["retired"] == ["new-1"] and again["version"] == 3
+        assert client.post("/v1/recommend", json={"history": ["new-1", "1"], "k": 5}).status_code == 200
+        assert client.get("/v1/catalog/version").json()["version"] == 3
 
     def test_health_docs_and_concurrent_requests_batch(self, served):
         client, _ = served
         h = client.get("/healthz").json()
         assert h["status"] == "ok" and h["model_version"].startswith("v-") and h["max_batch_size"] == 8
         spec = client.get("/openapi.json").json()
-        assert {"/v1/recommend", "/v1/items/{item_id}", "/v1/items/search", "/v1/items", "/healthz"} <= set(
-            spec["paths"])
+        assert {"/v1/recommend", "/v1/items/{item_id}", "/v1/items/search", "/v1/items", "/v1/items/retire",
+                "/v1/catalog/version", "/healthz"} <= set(spec["paths"])
         assert client.get("/docs").status_code == 200
         # 8 concurrent clients: all answered (batched by @serve.batch on the replica)
         results: list[int] = []

@@ -5,7 +5,7 @@
 * ``sidrec.serve.http``: the FastAPI app of the Ingress, and its client of the Recommender;
 * ``sidrec.serve.handling``: the request logic on a loaded ``Recommender``;
 * ``sidrec.serve.schemas``: request/response bodies and error replies;
-* ``sidrec.serve.items``: new catalog items -> SIDs with the store's text encoder and quantizer;
+* ``sidrec.serve.items``: the replica's side of the store's catalog log (apply, poll, admin writes);
 * ``sidrec.serve.demo``: the quickstart's demo (start the app, ask it for a real test user).
 
 Importing this package does not import Ray.

@@ -1,12 +1,16 @@
 """The ``Recommender`` deployment: one replica holds one ``sidrec.recommender.Recommender`` (model, index,
-catalog) loaded from the artifact store named by its ``user_config`` (``sidrec.config.ServeSettings``).
+catalog) loaded from the artifact store named by its ``user_config`` (``sidrec.serve.settings.ServeSettings``).
 
 Requests are gathered by ``@serve.batch`` and decoded together (``sidrec.serve.handling.run_recommend`` /
 ``run_search``: one beam search per batch). Reload: a new ``user_config`` calls ``reconfigure``; when the
 store root, decoding settings or the published stage versions changed (or ``reload_token`` did), the new
 model is loaded in a thread while the old one keeps answering, then swapped under the model lock, between
 two batches. A failed reload keeps the old model serving and ``health()`` reports the error (a failed first
-load fails the deployment instead). Cold-start items added on this replica survive its reloads.
+load fails the deployment instead).
+
+The catalog (``sidrec.serve.items``): admin writes go to the store's catalog log and every replica applies
+the log on load and polls it every ``catalog_poll_s`` (applied between batches, under the model lock), so
+all replicas serve the same items, and a restarted or replaced replica still has every change.
 """
 
 from __future__ import annotations
@@ -24,20 +28,15 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from sidrec.config import ServeSettings, section_from_dict
+from sidrec.catalog.encoder import ItemEncoder
+from sidrec.catalog.session import CatalogSession
+from sidrec.config import section_from_dict
 from sidrec.recommender import Recommender
-from sidrec.serve.handling import (
-    Reply,
-    add_new_items,
-    admin_key,
-    check_api_key,
-    item_info,
-    new_items_problem,
-    run_recommend,
-    run_search,
-)
-from sidrec.serve.items import AddedItems, ItemEncoder, NewItem
+from sidrec.serve.handling import Reply, admin_key, check_api_key, item_info, run_recommend, run_search
+from sidrec.serve.items import ReplicaCatalog, open_session
 from sidrec.serve.schemas import error, is_error
+from sidrec.serve.settings import ServeSettings
+from sidrec.serve.ui.listing import HeldOutUsers, search_titles
 from sidrec.store import MANIFEST, ArtifactStore, resolve_fs
 
 log = logging.getLogger("ray.serve")
@@ -96,14 +95,13 @@ class RecommenderDeployment:
         self._rec: Recommender | None = None
         self._settings: ServeSettings | None = None
         self._versions: dict[str, str] = {}
-        self._encoder: ItemEncoder | None = None
-        self._added = AddedItems()
         self._lock: asyncio.Lock | None = None
         self._loads = 0
         self._loaded_at: float | None = None
         self._reload_error: str | None = None
         self._batches: dict[Task, list[int]] = {"recommend": [0, 0], "search": [0, 0]}  # [batches, requests]
         self._replica = replica_tag()
+        self._catalog = ReplicaCatalog(self._model_lock, self._replica)
         self._batch_size = metrics.Histogram(
             "sidrec_batch_size", description="requests decoded together by one @serve.batch call",
             boundaries=BATCH_SIZE_BUCKETS, tag_keys=("task",))
@@ -135,7 +133,7 @@ class RecommenderDeployment:
                     and self._settings.load_key() == settings.load_key() and versions == self._versions):
                 self._settings = settings  # batching / auth only: nothing to reload
                 return
-            rec, encoder = await asyncio.to_thread(self._load, settings, versions)
+            rec, session = await asyncio.to_thread(self._load, settings, versions)
         except Exception as e:
             if self._rec is None:
                 raise  # first load: fail the replica (and the deploy) with the reason
@@ -144,15 +142,15 @@ class RecommenderDeployment:
                           self._rec.model_version)
             return
         async with self._model_lock():
-            late = self._added.missing_from(rec)  # added while loading
-            if late:
-                await asyncio.to_thread(self._added.reapply, rec, encoder, late)
-            self._rec, self._encoder, self._settings, self._versions = rec, encoder, settings, versions
+            self._rec, self._settings, self._versions = rec, settings, versions
+            self._catalog.session = session
             self._loads += 1
             self._loaded_at = time.time()
             self._reload_error = None
-        log.info("sidrec: serving model %s from %s (load #%d)", rec.model_version, settings.store_root,
-                 self._loads)
+        log.info("sidrec: serving model %s from %s (load #%d, catalog version %d)", rec.model_version,
+                 settings.store_root, self._loads, session.state.applied)
+        await self._catalog.sync()  # changes published while the model loaded
+        self._catalog.start(lambda: self._settings.catalog_poll_s if self._settings else 1.0)
 
     def _note_admin_state(self, settings: ServeSettings) -> None:
         """Say, when it changes, whether the admin endpoints are on (never the key itself)."""
@@ -161,19 +159,20 @@ class RecommenderDeployment:
             log.info("sidrec: admin endpoints %s", "enabled (X-API-Key)" if on else
                      "disabled: no api_key or api_key_env key configured, POST /v1/items answers 403")
 
-    def _load(self, settings: ServeSettings, versions: dict[str, str]) -> tuple[Recommender, ItemEncoder]:
-        """Runs in a thread while the current model keeps serving."""
+    def _load(self, settings: ServeSettings, versions: dict[str, str]) -> tuple[Recommender, CatalogSession]:
+        """Runs in a thread while the current model keeps serving: the model, then the catalog log on it."""
         torch.set_num_threads(torch_threads(settings))
         t0 = time.perf_counter()
         rec = Recommender.from_store(settings.store_root, num_beams=settings.num_beams, scoring=settings.scoring,
                                      device=settings.device)
-        encoder = self._encoder
+        current = self._catalog.session
+        encoder = current.encoder if current is not None else None
         if (encoder is None or self._settings is None or self._settings.store_root != settings.store_root
                 or not encoder_is_current(encoder, settings.store_root)):
-            encoder = ItemEncoder(settings.store_root)
-        self._added.reapply(rec, encoder)
+            encoder = None  # built anew from the store's stages
+        session = open_session(rec, settings.store_root, encoder, self._replica)
         log.info("sidrec: loaded %s (%s) in %.1fs", settings.store_root, versions, time.perf_counter() - t0)
-        return rec, encoder
+        return rec, session
 
     def check_health(self) -> None:
         if self._rec is None:
@@ -182,14 +181,14 @@ class RecommenderDeployment:
     # ------------------------------------------------------------------------------------ batched
     async def run_batch(self, task: Task, requests: Sequence[dict[str, Any]]) -> list[Reply]:
         """Decode a batch of ``task`` requests on the current model (what each @serve.batch call runs)."""
-        fn: Callable[[Recommender, Sequence[dict[str, Any]]], list[Reply]] = (
-            run_recommend if task == "recommend" else run_search)
+        fn: Callable[..., list[Reply]] = run_recommend if task == "recommend" else run_search
         async with self._model_lock():
-            rec = self._rec
+            rec, settings = self._rec, self._settings
             if rec is None:
                 return [not_ready() for _ in requests]
+            slots = (settings.new_item_slots if settings is not None else 0,) if task == "recommend" else ()
             t0 = time.perf_counter()
-            out = await asyncio.to_thread(fn, rec, requests)
+            out = await asyncio.to_thread(fn, rec, requests, *slots)
         self._batches[task][0] += 1
         self._batches[task][1] += len(requests)
         self._batch_size.observe(len(requests), tags={"task": task})
@@ -198,7 +197,8 @@ class RecommenderDeployment:
 
     async def recommend(self, request: dict[str, Any]) -> Reply:
         """One /v1/recommend body (history as strings) -> response or error reply."""
-        return await self.recommend_batch(request)
+        out = await self.recommend_batch(request)
+        return out if is_error(out) else {**out, "replica": self._replica}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def recommend_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
@@ -215,41 +215,74 @@ class RecommenderDeployment:
     # --------------------------------------------------------------------------------- catalog
     async def item(self, item_id: str) -> Reply:
         """GET /v1/items/{item_id}."""
-        rec = self._rec
+        rec, session = self._rec, self._catalog.session
         if rec is None:
             return not_ready()
-        return item_info(rec, item_id, self._added)
+        out = item_info(rec, item_id, session.state if session is not None else None)
+        if is_error(out):  # which replica said 404 matters too (a retire reaches every replica)
+            return {**out, "error": {**out["error"], "replica": self._replica}}
+        return {**out, "replica": self._replica}
 
-    async def add_items(self, items: list[dict[str, Any]], api_key: str | None = None) -> Reply:
-        """Admin: embed, quantize and index new items on this replica (see sidrec.serve.items)."""
+    def _admin_refusal(self, api_key: str | None) -> Reply | None:
         if (denied := check_api_key(self._settings, api_key)) is not None:
             return denied
-        if self._rec is None or self._settings is None:
+        if self._rec is None or self._catalog.session is None:
             return not_ready()
-        new = [NewItem(**d) for d in items]
-        if (bad := new_items_problem(self._rec, new)) is not None:
-            return bad
-        encoder = self._encoder
-        if encoder is None:  # only when the first load predates the encoder (never in practice)
-            encoder = self._encoder = await asyncio.to_thread(ItemEncoder, self._settings.store_root)
-        emb = await asyncio.to_thread(encoder.embed, new)
-        async with self._model_lock():
-            rec, current = self._rec, self._encoder
-            if current is not None and current is not encoder:  # a reload swapped the store meanwhile
-                encoder, emb = current, await asyncio.to_thread(current.embed, new)
-            out = await asyncio.to_thread(add_new_items, rec, encoder, new, emb, self._added)
-        return out if is_error(out) else {**out, "replica": self._replica}
+        return None
+
+    async def add_items(self, items: list[dict[str, Any]], api_key: str | None = None) -> Reply:
+        """Admin: add or update items through the store's catalog log (see sidrec.serve.items)."""
+        if (refused := self._admin_refusal(api_key)) is not None:
+            return refused
+        return await self._catalog.upsert(items)
+
+    async def retire_items(self, item_ids: list[str], api_key: str | None = None) -> Reply:
+        """Admin: retire items through the store's catalog log: no replica returns them again."""
+        if (refused := self._admin_refusal(api_key)) is not None:
+            return refused
+        return await self._catalog.retire(item_ids)
+
+    async def catalog_version(self) -> Reply:
+        """GET /v1/catalog/version: the store's catalog version and the one this replica applied."""
+        if self._catalog.session is None:
+            return not_ready()
+        return await self._catalog.version()
+
+    async def stop_polling(self) -> None:
+        """Stop the catalog poll task (a replica's own event loop ends it; unit use outside Serve)."""
+        await self._catalog.stop()
 
     def health(self) -> dict[str, Any]:
         """Model version and state of this replica (GET /healthz)."""
         rec, s = self._rec, self._settings
         return {"status": "ok" if rec is not None else "loading",
                 "model_version": rec.model_version if rec else None,
-                "items": len(rec.sid_of) if rec else 0, "added_items": len(self._added),
+                "items": len(rec.sid_of) if rec else 0, "catalog_version": self._catalog.applied,
+                "catalog_poll_error": self._catalog.poll_error,
                 "num_beams": rec.decoder.num_beams if rec else None, "scoring": s.scoring if s else None,
                 "max_history": rec.icfg.max_history if rec else None,
                 "max_batch_size": s.max_batch_size if s else None,
                 "batch_wait_timeout_s": s.batch_wait_timeout_s if s else None,
                 "mean_batch_size": {t: round(r / b, 2) if b else None for t, (b, r) in self._batches.items()},
+                "batches": {t: list(v) for t, v in self._batches.items()},  # [batches, requests], for benches
                 "loads": self._loads, "loaded_at": self._loaded_at, "reload_error": self._reload_error,
                 "replica": self._replica}
+
+    # ----------------------------------------------------------------------- demo page listings
+    async def users(self, limit: int, offset: int) -> Reply:
+        """GET /v1/users: test users of the served store (its test split, read once per dataset version)."""
+        rec, settings = self._rec, self._settings
+        if rec is None or settings is None:
+            return not_ready()
+        key = (settings.store_root, self._versions.get("dataset"))
+        split: HeldOutUsers | None = getattr(self, "_ui_users", None)  # made on first use
+        if split is None or split.key != key:
+            split = self._ui_users = await asyncio.to_thread(HeldOutUsers, *key)
+        return split.page(limit, offset, rec.profiles)
+
+    async def list_items(self, q: str, limit: int) -> Reply:
+        """GET /v1/items?q=: title substring search over this replica's live catalog (added items included)."""
+        rec = self._rec
+        if rec is None:
+            return not_ready()
+        return await asyncio.to_thread(search_titles, rec.sid_of, rec.titles, q, limit)

@@ -6,26 +6,27 @@ these, one batch at a time, in a thread.
   on its own (a bad request gets its 4xx, the others their answers), decoded together.
 * ``item_info``: GET /v1/items/{item_id}.
 * ``check_api_key``: the admin endpoints' X-API-Key check against ``ServeSettings``.
-* ``new_items_problem`` / ``add_new_items``: POST /v1/items, checks and the SID assignment.
+* ``catalog_error`` / ``upsert_reply`` / ``retire_reply``: the admin catalog writes' replies (the writes
+  themselves are ``sidrec.catalog.writer``'s).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from sidrec.config import ServeSettings
+from sidrec.catalog.state import CatalogState
+from sidrec.catalog.writer import CatalogError, WriteResult
 from sidrec.decode.beam import Hit
 from sidrec.llm.instructions import TEMPLATES, next_item_prompt
 from sidrec.llm.sft import encode_prompt, prompt_length
 from sidrec.recommender import Recommender
-from sidrec.serve.items import AddedItems, ItemEncoder, NewItem, assign_sids
 from sidrec.serve.schemas import error
+from sidrec.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -50,7 +51,7 @@ def flatten(rec: Recommender, hits: Sequence[Hit], k: int) -> list[dict[str, Any
 
 def prompt_truncated(rec: Recommender, history: Sequence[str], profile: str) -> bool:
     """True when the token budget cuts the prompt (on top of the max_history cap)."""
-    prompt = next_item_prompt("", list(history), rec.sid_of, profile, rec.icfg)
+    prompt = next_item_prompt("", list(history), rec.catalog.history_sids, profile, rec.icfg)
     return prompt_length(prompt, rec.tokenizer) > rec.max_prompt_tokens
 
 
@@ -64,7 +65,8 @@ def recommend_problem(rec: Recommender, request: Mapping[str, Any]) -> Reply | N
     hist = request["history"]
     if (bad := check_k(rec, request["k"])) is not None:
         return bad
-    unknown = list(dict.fromkeys(i for i in hist if i not in rec.sid_of))
+    known = rec.catalog.history_sids  # retired items may stay in a history (never returned)
+    unknown = list(dict.fromkeys(i for i in hist if i not in known))
     if unknown:
         more = f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""
         return error(422, "unknown_items", f"unknown item ids in history: {unknown[:20]}{more}",
@@ -78,19 +80,20 @@ def recommend_problem(rec: Recommender, request: Mapping[str, Any]) -> Reply | N
     return None
 
 
-def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
+def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]], new_item_slots: int = 0) -> list[Reply]:
     """A batch of /v1/recommend bodies -> replies, via one ``Recommender.recommend`` call per
-    ``exclude_history`` value present."""
+    ``exclude_history`` value present; ``new_item_slots`` (``ServeSettings``) places of each top-k are kept
+    for items added after training (then one call per k as well: the places are those of the request's k)."""
     out: list[Reply | None] = [None] * len(requests)
-    groups: dict[bool, list[int]] = {}
+    groups: dict[tuple[bool, int], list[int]] = {}
     for n, r in enumerate(requests):
         if (bad := recommend_problem(rec, r)) is not None:
             out[n] = bad
         else:
-            groups.setdefault(bool(r["exclude_history"]), []).append(n)
+            groups.setdefault((bool(r["exclude_history"]), r["k"] if new_item_slots else 0), []).append(n)
     maxh = rec.icfg.max_history
-    for flag, idx in groups.items():
-        for n, h in _decode_isolated(rec, requests, idx, flag):
+    for (flag, _), idx in groups.items():
+        for n, h in _decode_isolated(rec, requests, idx, flag, new_item_slots):
             if isinstance(h, dict):
                 out[n] = h
                 continue
@@ -105,13 +108,14 @@ def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]]) -> li
 
 
 def _decode_isolated(rec: Recommender, requests: Sequence[Mapping[str, Any]], idx: list[int],
-                     exclude: bool) -> list[tuple[int, list[Hit] | Reply]]:
+                     exclude: bool, new_item_slots: int = 0) -> list[tuple[int, list[Hit] | Reply]]:
     """(request index, hits) for a group decoded together; if the batch call fails, each request is
     decoded alone so that one failing request gets its own 500 and the others their answers."""
 
     def decode(rows: list[int]) -> list[list[Hit]]:
         return rec.recommend([requests[n]["history"] for n in rows], k=max(requests[n]["k"] for n in rows),
-                             exclude_history=exclude, profiles=[_profile(requests[n]) for n in rows])
+                             exclude_history=exclude, profiles=[_profile(requests[n]) for n in rows],
+                             new_item_slots=new_item_slots)
 
     failed = error(500, "internal_error", "decoding failed; see the replica log")
     try:
@@ -157,13 +161,34 @@ def run_search(rec: Recommender, requests: Sequence[Mapping[str, Any]]) -> list[
 
 
 # =========================================================================================== catalog
-def item_info(rec: Recommender, item_id: str, added: AddedItems) -> Reply:
-    """Title and SID of a catalog or added item; 404 if unknown."""
+def item_info(rec: Recommender, item_id: str, state: CatalogState | None) -> Reply:
+    """Title and SID of a present item; 404 ``retired_item`` / ``unknown_item`` otherwise."""
     sid = rec.sid_of.get(item_id)
     if sid is None:
+        if item_id in rec.catalog.retired:
+            version = state.retired.get(item_id) if state is not None else None
+            return error(404, "retired_item", f"item {item_id!r} was retired (catalog version {version})",
+                         item_id=item_id, catalog_version=version)
         return error(404, "unknown_item", f"unknown item id {item_id!r}", item_id=item_id)
+    logged = state.items.get(item_id) if state is not None else None
     return {"item_id": item_id, "title": rec.titles.get(item_id, ""), "sid": sid,
-            "source": "added" if item_id in added else "catalog", "model_version": rec.model_version}
+            "source": logged.action if logged is not None else "catalog",
+            "catalog_version": logged.version if logged is not None else None, "model_version": rec.model_version}
+
+
+def catalog_error(e: CatalogError) -> Reply:
+    """A refused catalog write as an error reply (nothing was written)."""
+    return error(e.status, e.code, str(e), items=e.items[:100])
+
+
+def upsert_reply(result: WriteResult) -> Reply:
+    """POST /v1/items body (the deployment adds ``replica``)."""
+    return {"items": [dataclasses.asdict(i) for i in result.items], "version": result.version, "scope": "store"}
+
+
+def retire_reply(result: WriteResult) -> Reply:
+    """POST /v1/items/retire body (the deployment adds ``replica``)."""
+    return {"retired": result.retired, "unknown": result.unknown, "version": result.version, "scope": "store"}
 
 
 def admin_key(settings: ServeSettings | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -190,38 +215,3 @@ def check_api_key(settings: ServeSettings | None, given: str | None,
     if not hmac.compare_digest(given.encode(), expected.encode()):
         return error(403, "invalid_api_key", "the X-API-Key header does not match")
     return None
-
-
-def _exist_error(rec: Recommender, ids: Sequence[str]) -> Reply | None:
-    exists = [i for i in ids if i in rec.sid_of]
-    if exists:
-        return error(409, "items_exist", f"item ids already in the catalog: {exists[:20]}", items=exists[:100])
-    return None
-
-
-def new_items_problem(rec: Recommender, items: Sequence[NewItem]) -> Reply | None:
-    """422 for ids given twice, 409 for ids the catalog has; None when the items may be added."""
-    ids = [n.item_id for n in items]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        return error(422, "duplicate_items", f"item ids given more than once: {dup[:20]}", items=dup[:100])
-    return _exist_error(rec, ids)
-
-
-def add_new_items(rec: Recommender, encoder: ItemEncoder, items: Sequence[NewItem], embeddings: np.ndarray,
-                  added: AddedItems) -> Reply:
-    """Choose free SIDs for embedded new items, add them to ``rec`` and to ``added``. The reply lacks the
-    ``replica`` field (the deployment adds it). Call under the replica's model lock."""
-    ids = [n.item_id for n in items]
-    if (bad := _exist_error(rec, ids)) is not None:  # added by another request meanwhile
-        return bad
-    try:
-        assigned = assign_sids(rec, encoder, items, embeddings)
-    except ValueError as e:
-        return error(422, "no_free_sid", str(e))
-    codes = np.asarray([a.codes for a in assigned], dtype=np.int64)
-    sids = rec.add_items(ids, codes, [n.title.strip() for n in items])
-    added.record(items, embeddings, encoder.versions["embeddings"])
-    return {"items": [{"item_id": a.item_id, "title": n.title.strip(), "sid": s, "exact_codes": a.exact}
-                      for a, n, s in zip(assigned, items, sids, strict=True)],
-            "model_version": rec.model_version, "scope": "replica"}

@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics as serve_metrics
@@ -28,18 +28,29 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sidrec.config import ServeAppConfig
 from sidrec.serve.schemas import (
     AddItemsRequest,
     AddItemsResponse,
+    CatalogVersion,
     ErrorBody,
     ItemInfo,
     RecommendRequest,
     RecommendResponse,
+    RetireRequest,
+    RetireResponse,
     SearchRequest,
     SearchResponse,
     error,
     is_error,
+)
+from sidrec.serve.settings import ServeAppConfig
+from sidrec.serve.ui import page_html
+from sidrec.serve.ui.listing import (
+    MAX_ITEMS_PAGE,
+    MAX_QUERY_CHARS,
+    MAX_USERS_PAGE,
+    ItemsResponse,
+    UsersResponse,
 )
 
 log = logging.getLogger("ray.serve")
@@ -48,6 +59,9 @@ Reply = dict[str, Any]
 DEFAULTS = ServeAppConfig()
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (413, 422, 503)}
+# the demo page may run its own inline code and call this origin, and load nothing from anywhere else
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 DESCRIPTION = ("Generative recommendation with Semantic IDs: a causal LM decodes item SIDs under a prefix-tree "
                "constraint, so every answer is a real catalog item.")
 
@@ -63,7 +77,15 @@ class Backend(Protocol):
 
     async def add_items(self, items: list[dict[str, Any]], api_key: str | None) -> Reply: ...
 
+    async def retire_items(self, item_ids: list[str], api_key: str | None) -> Reply: ...
+
+    async def catalog_version(self) -> Reply: ...
+
     async def health(self) -> Reply: ...
+
+    async def users(self, limit: int, offset: int) -> Reply: ...
+
+    async def list_items(self, q: str, limit: int) -> Reply: ...
 
 
 # ============================================================================================ client
@@ -84,11 +106,25 @@ class RecommenderClient:
     async def item(self, item_id: str) -> Reply:
         return await self._call(lambda: self._handle.item.remote(item_id))
 
+    # catalog writes are idempotent (the same text is "unchanged", a retired item stays retired), so a
+    # write whose replica died mid-request is re-sent like a read: it was either published or not at all
     async def add_items(self, items: list[dict[str, Any]], api_key: str | None) -> Reply:
-        return await self._call(lambda: self._handle.add_items.remote(items, api_key=api_key), idempotent=False)
+        return await self._call(lambda: self._handle.add_items.remote(items, api_key=api_key))
+
+    async def retire_items(self, item_ids: list[str], api_key: str | None) -> Reply:
+        return await self._call(lambda: self._handle.retire_items.remote(item_ids, api_key=api_key))
+
+    async def catalog_version(self) -> Reply:
+        return await self._call(lambda: self._handle.catalog_version.remote())
 
     async def health(self) -> Reply:
         return await self._call(lambda: self._handle.health.remote())
+
+    async def users(self, limit: int, offset: int) -> Reply:
+        return await self._call(lambda: self._handle.users.remote(limit, offset))
+
+    async def list_items(self, q: str, limit: int) -> Reply:
+        return await self._call(lambda: self._handle.list_items.remote(q, limit))
 
     async def _call(self, send: Callable[[], Awaitable[Reply]], idempotent: bool = True) -> Reply:
         attempts = 1 + (self._retries if idempotent else 0)
@@ -237,6 +273,7 @@ def make_api(backend: Backend, max_body_bytes: int = DEFAULTS.max_body_bytes,
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(Exception, _internal_error)
     _add_routes(api, backend)
+    _add_demo_routes(api, backend)
     return api
 
 
@@ -248,7 +285,7 @@ def _add_routes(api: FastAPI, backend: Backend) -> None:
 
     @api.get("/v1/items/{item_id}", response_model=ItemInfo, responses={404: {"model": ErrorBody}})
     async def get_item(item_id: str) -> Any:
-        """Title and SID of a catalog (or added) item."""
+        """Title and SID of a present item (404 ``retired_item`` for a retired one)."""
         return reply(await backend.item(item_id))
 
     @api.post("/v1/items/search", response_model=SearchResponse, responses=ERRORS)
@@ -256,11 +293,23 @@ def _add_routes(api: FastAPI, backend: Backend) -> None:
         """Items for a title, decoded by the model's title->SID task (constrained: real items only)."""
         return reply(await backend.search(body.model_dump()))
 
-    @api.post("/v1/items", response_model=AddItemsResponse,
-              responses={**ERRORS, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    admin_errors = {**ERRORS, **{s: {"model": ErrorBody} for s in (401, 403, 404, 409)}}
+
+    @api.post("/v1/items", response_model=AddItemsResponse, responses=admin_errors)
     async def add_items(body: AddItemsRequest, x_api_key: str | None = Header(None)) -> Any:
-        """Admin: add cold-start items (recommendable at once, on the replica that answers)."""
+        """Admin: add or update items (a known id with new text gets a new SID). Answers once the change is
+        durable in the store's catalog log; every replica applies it within catalog_poll_s."""
         return reply(await backend.add_items([i.model_dump() for i in body.items], x_api_key))
+
+    @api.post("/v1/items/retire", response_model=RetireResponse, responses=admin_errors)
+    async def retire_items(body: RetireRequest, x_api_key: str | None = Header(None)) -> Any:
+        """Admin: retire items: no replica recommends them again (durable, like POST /v1/items)."""
+        return reply(await backend.retire_items(body.ids(), x_api_key))
+
+    @api.get("/v1/catalog/version", response_model=CatalogVersion, responses={503: {"model": ErrorBody}})
+    async def catalog_version() -> Any:
+        """The store's catalog version and the one the answering replica has applied."""
+        return reply(await backend.catalog_version())
 
     @api.get("/healthz")
     async def healthz() -> Any:
@@ -269,6 +318,33 @@ def _add_routes(api: FastAPI, backend: Backend) -> None:
         if is_error(out):
             return reply(out)
         return JSONResponse(status_code=200 if out["status"] == "ok" else 503, content=out)
+
+
+def _add_demo_routes(api: FastAPI, backend: Backend) -> None:
+    """The demo page and the two listings it needs (users to pick, titles to search)."""
+
+    @api.get("/v1/users", response_model=UsersResponse, responses={422: {"model": ErrorBody},
+                                                                  503: {"model": ErrorBody}})
+    async def list_users(limit: int = Query(20, ge=1, le=MAX_USERS_PAGE), offset: int = Query(0, ge=0)) -> Any:
+        """Test users of the served store (the history before their held-out item), in split order."""
+        return reply(await backend.users(limit, offset))
+
+    @api.get("/v1/items", response_model=ItemsResponse, responses={422: {"model": ErrorBody},
+                                                                  503: {"model": ErrorBody}})
+    async def list_items(q: str = Query("", max_length=MAX_QUERY_CHARS),
+                         limit: int = Query(20, ge=1, le=MAX_ITEMS_PAGE)) -> Any:
+        """Live catalog items whose title contains ``q`` (case-insensitive; added items included, retired
+        ones not): a substring match, unlike the model's title->SID search."""
+        return reply(await backend.list_items(q, limit))
+
+    @api.get("/ui", name="demo_page", response_class=HTMLResponse, include_in_schema=False)
+    async def demo_page() -> HTMLResponse:
+        """The demo page: static, self-contained; it calls this API like any client."""
+        return HTMLResponse(page_html(), headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @api.get("/", include_in_schema=False)
+    async def root(request: Request) -> RedirectResponse:
+        return RedirectResponse(str(request.url_for("demo_page")), status_code=307)
 
 
 # ============================================================================================ ingress

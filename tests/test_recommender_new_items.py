@@ -1,0 +1,129 @@
+"""Recommender.recommend(new_item_slots=m): places of the top-k kept for items added after training."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from sidrec.config import InstructionConfig, ModelConfig
+from sidrec.decode.beam import Hit
+from sidrec.llm.model import add_sid_tokens, load_base
+from sidrec.recommender import Recommender, merge_new
+from sidrec.sids.tokens import render_sid, sid_vocabulary
+
+K, LEVELS, N_WARM, K_TOP = 8, 3, 120, 10
+
+
+def _table(ids: list[str], codes: np.ndarray) -> pa.Table:
+    return pa.table({"item_id": ids, "codes": pa.array(codes.tolist(), pa.list_(pa.int64())),
+                     "sid": [render_sid(c) for c in codes]})
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A tiny (untrained) Qwen2 that has every SID token, and a warm catalog of distinct SIDs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(tokenizer_vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64, max_position_embeddings=512)
+    model, tok = load_base(cfg, ["The user has clicked items. Which item next?"] * 20)
+    add_sid_tokens(model, tok, sid_vocabulary(LEVELS, K))
+    model.eval()
+    rng = np.random.default_rng(0)
+    codes = np.array(sorted({tuple(c) for c in rng.integers(0, K, size=(400, LEVELS)).tolist()}))
+    rng.shuffle(codes)
+    return model, tok, codes
+
+
+def _recommender(parts, scoring: str = "raw") -> tuple[Recommender, list[str]]:
+    """Warm items w0..; the remaining distinct SIDs are added after 'training' as n0.. (the delta part)."""
+    model, tok, codes = parts
+    warm = [f"w{i}" for i in range(N_WARM)]
+    rec = Recommender(model, tok, _table(warm, codes[:N_WARM]), {i: i for i in warm}, InstructionConfig(),
+                      max_length=256, num_beams=20, scoring=scoring)  # type: ignore[arg-type]
+    new = [f"n{i}" for i in range(6)]
+    rec.add_items(new, codes[N_WARM:N_WARM + len(new)], new)
+    return rec, new
+
+
+HISTORIES = [["w1", "w2"], ["w5"], ["w7", "w9", "w11"], ["w20", "n0"], ["w33"], ["w3", "w4", "w40", "w41"]]
+
+
+def _items(hits: list[Hit]) -> list[str]:
+    return [i for h in hits for i in h.items]
+
+
+def test_zero_slots_is_the_models_own_list(parts):
+    rec, _ = _recommender(parts)
+    assert rec.recommend(HISTORIES, k=K_TOP, new_item_slots=0) == rec.recommend(HISTORIES, k=K_TOP)
+    with pytest.raises(ValueError, match="new_item_slots"):
+        rec.recommend(HISTORIES, k=K_TOP, new_item_slots=-1)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_slots_hold_new_items_and_keep_the_models_best_old_ones(parts, slots, exclude):
+    rec, new = _recommender(parts)
+    plain = rec.recommend(HISTORIES, k=K_TOP, exclude_history=exclude)
+    got = rec.recommend(HISTORIES, k=K_TOP, exclude_history=exclude, new_item_slots=slots)
+    for hist, before, after in zip(HISTORIES, plain, got, strict=True):
+        items = _items(after)
+        assert len(items) == len(set(items)) == K_TOP
+        fresh = [i for i in items if i in new]
+        allowed = [i for i in new if not (exclude and i in hist)]
+        assert len(fresh) >= min(slots, len(allowed))
+        old = [i for i in items if i not in new]
+        assert old == [i for i in _items(before) if i not in new][:len(old)]  # the model's best old ones
+        assert not (exclude and set(items) & set(hist))
+        assert [h.score for h in after] == sorted((h.score for h in after), reverse=True)  # raw: by score
+
+
+def test_retired_new_items_never_come_back_and_the_cache_follows_the_index(parts):
+    rec, new = _recommender(parts)
+    rec.retire_items(new[:5])
+    for hits in rec.recommend(HISTORIES, k=K_TOP, new_item_slots=3):
+        items = _items(hits)
+        assert not set(items) & set(new[:5]) and new[5] in items and len(items) == K_TOP
+    rec.retire_items(new[5:])
+    assert rec.new_items.decoder() is None
+    assert rec.recommend(HISTORIES, k=K_TOP, new_item_slots=3) == rec.recommend(HISTORIES, k=K_TOP)
+    _, _, codes = parts
+    rec.add_items(["n9"], codes[-1:], ["n9"])
+    assert all("n9" in _items(h) for h in rec.recommend(HISTORIES, k=K_TOP, new_item_slots=1))
+
+
+def test_the_first_place_and_renormalized_order(parts):
+    rec, new = _recommender(parts, scoring="renormalized")
+    plain = rec.recommend(HISTORIES, k=K_TOP)
+    assert rec.recommend(HISTORIES, k=1, new_item_slots=2) == rec.recommend(HISTORIES, k=1)
+    for before, after in zip(plain, rec.recommend(HISTORIES, k=K_TOP, new_item_slots=2), strict=True):
+        items, first = _items(after), _items(before)
+        fresh = [i for i in items if i not in first]  # scores of the small trie are not comparable: last
+        assert fresh and items[len(items) - len(fresh):] == fresh and items[:-len(fresh)] == [
+            i for i in first if i in items]
+        assert sum(i in new for i in items) >= 2
+
+
+def test_merge_new_trims_shared_sids_and_orders():
+    def hit(score, *items):
+        return Hit(render_sid((0, 0, 0)), (0, 0, 0), score, list(items))
+
+    main = [hit(-1.0, "a"), hit(-2.0, "b", "c"), hit(-3.0, "x"), hit(-4.0, "d")]  # x is new
+    extra = [hit(-2.5, "x"), hit(-2.6, "y"), hit(-9.0, "z")]
+    out = merge_new(main, extra, k=5, slots=2, new_ids={"x", "y", "z"}, by_score=True)
+    assert [i for h in out for i in h.items] == ["a", "b", "c", "y", "x"]
+    out = merge_new(main, extra, k=4, slots=3, new_ids={"x", "y", "z"}, by_score=False)
+    assert [i for h in out for i in h.items] == ["a", "x", "y", "z"]
+    assert merge_new(main, extra, k=5, slots=1, new_ids={"x", "y", "z"}, by_score=True) is main
+
+
+def test_serve_batches_reserve_the_places_of_each_requests_own_k(parts):
+    from sidrec.serve.handling import run_recommend
+
+    rec, new = _recommender(parts)
+    reqs = [{"history": h, "k": k, "exclude_history": ex, "profile": None}
+            for h, k, ex in [(["w1"], 3, False), (["w2", "w3"], 10, False), (["w5"], 2, True)]]
+    for req, reply in zip(reqs, run_recommend(rec, reqs, new_item_slots=1), strict=True):
+        ids = [i["item_id"] for i in reply["items"]]
+        assert len(ids) == req["k"] and sum(i in new for i in ids) >= 1
+    plain = run_recommend(rec, reqs)
+    assert [r["items"] for r in plain] == [r["items"] for r in run_recommend(rec, reqs, new_item_slots=0)]
