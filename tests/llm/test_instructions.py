@@ -1,4 +1,5 @@
 import collections
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +9,9 @@ from sidrec.config import ConfigError, InstructionConfig
 from sidrec.llm.instructions import (
     TEMPLATES,
     build_instructions,
+    history_separator,
     next_item_batch,
+    next_item_templates,
     sequence_windows,
     template_corpus,
     user_sequences,
@@ -64,13 +67,13 @@ def test_counts_per_task_follow_weights():
 
 def test_rows_contents():
     train = _splits()["train"]
-    table = build_instructions("train", train, SID_OF, TITLES, PROFILES,
-                               InstructionConfig(train_rows="examples")).to_pylist()
+    cfg = InstructionConfig(train_rows="examples")
+    table = build_instructions("train", train, SID_OF, TITLES, PROFILES, cfg).to_pylist()
     nxt = [r for r in table if r["task"] == "next_item"]
     assert [r["target_item"] for r in nxt] == train.column("target").to_pylist()
     for r, hist in zip(nxt, train.column("history").to_pylist(), strict=True):
         assert r["response"] == SID_OF[r["target_item"]]
-        assert ", ".join(SID_OF[i] for i in hist) in r["prompt"]
+        assert history_separator(cfg).join(SID_OF[i] for i in hist) in r["prompt"]
     s2t = next(r for r in table if r["task"] == "sid_to_title")
     assert s2t["response"] == TITLES[s2t["target_item"]] and SID_OF[s2t["target_item"]] in s2t["prompt"]
     t2s = next(r for r in table if r["task"] == "title_to_sid")
@@ -87,7 +90,8 @@ def test_template_choice_is_seeded():
     assert a.column("prompt").to_pylist() != c.column("prompt").to_pylist()
     assert a.column("response").to_pylist() == c.column("response").to_pylist()  # only wording changes
     # several paraphrases actually used
-    used = {next(k for k, t in enumerate(TEMPLATES["en"]["next_item"]) if t.split("{history}")[1] in p)
+    templates = next_item_templates(InstructionConfig(seed=1))
+    used = {next(k for k, t in enumerate(templates) if t.replace("{profile}", "").split("{history}")[0] in p)
             for p, task in zip(a.column("prompt").to_pylist(), a.column("task").to_pylist(), strict=True)
             if task == "next_item"}
     assert len(used) >= 3
@@ -101,7 +105,8 @@ def test_profile_sentence_and_history_cap():
     assert rows[0]["prompt"].count("The user is") == 1
     assert "The user is" not in rows[1]["prompt"]  # empty profile
     assert rows[2]["prompt"].startswith("The user is a 50-year-old female writer. ")  # no double period
-    assert SID_OF["i4"] + "," not in rows[0]["prompt"] and SID_OF["i5"] + "," in rows[0]["prompt"]
+    sep = history_separator(cfg)
+    assert SID_OF["i4"] + sep not in rows[0]["prompt"] and SID_OF["i5"] + sep in rows[0]["prompt"]
     assert rows[0]["prompt"].count("<a_") == 20
     off = build_instructions("test", ex, SID_OF, TITLES, PROFILES, InstructionConfig(use_profile=False))
     assert not any("The user is" in p for p in off.column("prompt").to_pylist())
@@ -110,12 +115,15 @@ def test_profile_sentence_and_history_cap():
 def test_chinese_templates():
     train = _splits()["train"]
     rows = build_instructions("train", train, SID_OF, TITLES, PROFILES, InstructionConfig(language="zh")).to_pylist()
-    zh = {t.split("{")[-1].split("}")[-1] for ts in TEMPLATES["zh"].values() for t in ts}
-    assert all(any(tail in r["prompt"] for tail in zh) for r in rows)
+    cfg = InstructionConfig(language="zh")
+    templates = [*next_item_templates(cfg), *TEMPLATES["zh"]["sid_to_title"], *TEMPLATES["zh"]["title_to_sid"]]
+    pieces = [max(re.split(r"\{\w+\}", t), key=len) for t in templates]  # each template's longest fixed text
+    assert all(len(p) >= 4 for p in pieces)
+    assert all(any(p in r["prompt"] for p in pieces) for r in rows)
     first = next(r for r in rows if r["user_id"] == "u0")
     assert first["prompt"].startswith("用户是a 24-year-old male technician。")
     assert not any("Which" in r["prompt"] or "The user" in r["prompt"] for r in rows)
-    assert any("，" in r["prompt"] for r in rows if r["task"] == "next_item")
+    assert all("：\n" in r["prompt"] for r in rows if r["task"] == "next_item")  # full-width colon, one SID per line
 
 
 def test_no_eval_target_leaks_into_train():
