@@ -1,13 +1,16 @@
 """Constrained beam-search speed: sidrec's SidDecoder vs the Hugging Face reference vs the floor, one run.
 
     python bench/decode.py --store artifacts/amazon-industrial             # tiny trained model + d=1024 8-layer
-    python bench/decode.py --store artifacts/amazon-industrial --models tiny --batches 1 32 --reps 3
+    python bench/decode.py --store artifacts/amazon-industrial --models tiny --batches 1 16 --threads 1 2
+    python bench/decode.py --store artifacts/quickstart --models tiny --exclude-history   # as Serve decodes
 
 For beam 20 and each batch size, on the same prompts (Amazon test examples rendered as in training):
 (a) ``SidDecoder.search``; (b) ``hf_reference_search`` = ``generate(num_beams, num_return_sequences,
 prefix_allowed_tokens_fn)``; (c) the floor = the model's bare forward passes: the prompt prefilled once per
 request, the KV cache repeated to the beams, then one step per remaining SID level, no masking or search.
 Reports recommendations/s, ms per request, ratios, and whether (a) and (b) return identical top-10 items.
+``--threads`` takes several torch thread counts (one row each); ``--exclude-history`` makes (a) and (b)
+exclude each request's history items, as the served path does (the floor is the same either way).
 "large" is a d=1024, 8-layer Qwen2 with random weights (same tokenizer and SIDs) so the model's cost
 dominates. Writes bench/results/decode.json.
 """
@@ -70,6 +73,39 @@ def interleaved(fns: dict, reps: dict[str, int]) -> tuple[dict[str, float], dict
     return best, out
 
 
+def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecoder, name: str,
+               prompts: list[list[int]], exclude: list[set[str]] | None) -> dict:
+    """One (model, threads, batch) cell: ours, the floor and (where affordable) HF, interleaved."""
+    bs = len(prompts)
+    dec.search(prompts[:1], k=args.k)  # warm-up
+    run_hf = name == "tiny" or bs <= args.hf_max_batch_large
+    fns = {
+        "ours": lambda: dec.search(prompts, k=args.k, exclude=exclude),
+        "floor": lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id),
+    }
+    reps = {"ours": args.reps, "floor": args.reps}
+    if run_hf:
+        fns["hf"] = lambda: hf_reference_search(model, rec.tokenizer, rec.index, prompts, k=args.k,
+                                                num_beams=args.beams, exclude=exclude)
+        reps["hf"] = 1 if name == "large" else args.reps
+    best, outs = interleaved(fns, reps)
+    t_ours, t_floor, t_hf = best["ours"], best["floor"], best.get("hf")
+    same = None
+    if run_hf:
+        same = [[i for h in a for i in h.items] for a in outs["ours"]] == [
+            [i for h in b for i in h.items] for b in outs["hf"]]
+    return {
+        "model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "batch": bs,
+        "beams": args.beams, "exclude_history": exclude is not None,
+        "prompt_tokens_mean": round(sum(map(len, prompts)) / bs, 1),
+        "sidrec_recs_per_s": bs / t_ours, "sidrec_ms_per_req": 1000 * t_ours / bs,
+        "floor_ms_per_req": 1000 * t_floor / bs,
+        "hf_ms_per_req": 1000 * t_hf / bs if t_hf else None,
+        "speedup_vs_hf": t_hf / t_ours if t_hf else None,
+        "ratio_to_floor": t_ours / t_floor, "identical_top10": same,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="artifacts/amazon-industrial")
@@ -80,63 +116,43 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (best is kept)")
     ap.add_argument("--hf-max-batch-large", type=int, default=8,
                     help="largest batch the (slow) HF reference runs on the large model; CPU time guard")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1],
+                    help="torch thread counts, one row each (1: steadier on a shared machine)")
+    ap.add_argument("--exclude-history", action="store_true",
+                    help="exclude each request's history items from its answer (as Serve does)")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     rec = Recommender.from_store(args.store, num_beams=args.beams, device="cpu")
     store = ArtifactStore(args.store)
-    test = pq.read_table(f"{store.current_path('dataset')}/test.parquet").to_pylist()
-    prompts_all = [rec.prompt_ids(r["history"], user_id=r["user_id"]) for r in test[:max(args.batches)]]
+    test = pq.read_table(f"{store.current_path('dataset')}/test.parquet").to_pylist()[:max(args.batches)]
+    prompts_all = [rec.prompt_ids(r["history"], user_id=r["user_id"]) for r in test]
+    excludes_all = [set(map(str, r["history"])) & set(rec.sid_of) for r in test] if args.exclude_history else None
     rows = []
     for name in args.models:
         model = rec.model if name == "tiny" else large_model(rec.model.get_output_embeddings().weight.shape[0],
                                                               rec.tokenizer)
-        params = sum(p.numel() for p in model.parameters())
         dec = SidDecoder(model, rec.tokenizer, rec.index, num_beams=args.beams)
-        for bs in args.batches:
-            prompts = prompts_all[:bs]
-            dec.search(prompts[:1], k=args.k)  # warm-up
-            run_hf = name == "tiny" or bs <= args.hf_max_batch_large
-            fns = {
-                "ours": lambda: dec.search(prompts, k=args.k),  # noqa: B023
-                "floor": lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id),  # noqa: B023
-            }
-            reps = {"ours": args.reps, "floor": args.reps}
-            if run_hf:
-                fns["hf"] = lambda: hf_reference_search(model, rec.tokenizer, rec.index, prompts,  # noqa: B023
-                                                        k=args.k, num_beams=args.beams)
-                reps["hf"] = 1 if name == "large" else args.reps
-            best, outs = interleaved(fns, reps)
-            t_ours, t_floor, t_hf = best["ours"], best["floor"], best.get("hf")
-            same = None
-            if run_hf:
-                same = [[i for h in a for i in h.items] for a in outs["ours"]] == [
-                    [i for h in b for i in h.items] for b in outs["hf"]]
-            row = {
-                "model": name, "params_m": round(params / 1e6, 1), "batch": bs, "beams": args.beams,
-                "prompt_tokens_mean": round(sum(map(len, prompts)) / bs, 1),
-                "sidrec_recs_per_s": bs / t_ours, "sidrec_ms_per_req": 1000 * t_ours / bs,
-                "floor_ms_per_req": 1000 * t_floor / bs,
-                "hf_ms_per_req": 1000 * t_hf / bs if t_hf else None,
-                "speedup_vs_hf": t_hf / t_ours if t_hf else None,
-                "ratio_to_floor": t_ours / t_floor, "identical_top10": same,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for bs in args.batches:
+                row = bench_cell(args, rec, model, dec, name, prompts_all[:bs],
+                                 excludes_all[:bs] if excludes_all is not None else None)
+                row["threads"] = threads
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
-    head = (f"{'model':6} {'params':>7} {'batch':>5} {'sidrec rec/s':>12} {'sidrec ms/req':>13} "
+    head = (f"{'model':6} {'params':>7} {'thr':>3} {'batch':>5} {'sidrec rec/s':>12} {'sidrec ms/req':>13} "
             f"{'HF ms/req':>10} {'floor ms/req':>12} {'vs HF':>7} {'/floor':>7} {'same top10':>10}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         hf = f"{r['hf_ms_per_req']:.1f}" if r["hf_ms_per_req"] else "skipped"
         sp = f"{r['speedup_vs_hf']:.1f}x" if r["speedup_vs_hf"] else "-"
-        print(f"{r['model']:6} {r['params_m']:>6}M {r['batch']:>5} {r['sidrec_recs_per_s']:>12.1f} "
+        print(f"{r['model']:6} {r['params_m']:>6}M {r['threads']:>3} {r['batch']:>5} {r['sidrec_recs_per_s']:>12.1f} "
               f"{r['sidrec_ms_per_req']:>13.1f} {hf:>10} {r['floor_ms_per_req']:>12.1f} {sp:>7} "
               f"{r['ratio_to_floor']:>6.2f}x {str(r['identical_top10']):>10}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args), "threads": args.threads}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
     print(f"\nwrote {args.out}")
 
 

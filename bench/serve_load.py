@@ -1,8 +1,9 @@
-"""Load test of the Serve app on loopback: throughput and latency with and without @serve.batch, and
-failed requests when one of two replicas is killed mid-load.
+"""Load test of the Serve app on loopback: throughput and latency at several client counts with and
+without @serve.batch, failed requests when one of two replicas is killed mid-load, and the ratio of the
+served throughput to the offline decoder's at the batch size Serve formed.
 
-    python bench/serve_load.py --store artifacts/quickstart            # ~2.5 min on 2 CPUs
-    python bench/serve_load.py --store /tmp/qs --clients 8 --seconds 20
+    python bench/serve_load.py --store artifacts/quickstart            # ~4 min on 2 CPUs
+    python bench/serve_load.py --store /tmp/qs --clients 8 --seconds 5 --offline-seconds 3
 
 Three applications are deployed side by side on one local Ray (5 logical CPUs so that all of them fit;
 only one is under load at a time, the others sit idle):
@@ -14,9 +15,17 @@ only one is under load at a time, the others sit idle):
   read whose replica died (``retries``), and Serve starts a replacement. ``--kill-without-retries`` adds
   the same run with the ingress's retries off, to count what the retries saved.
 
-Each run: ``--clients`` concurrent asyncio/httpx clients send ``POST /v1/recommend`` (k=10, histories of
-1-20 random catalog items, exclude_history) back to back for ``--seconds``. The load generator shares the
-machine's cores with the replicas, so absolute numbers are lower bounds. Prints a table and writes JSON to
+Each run: N concurrent asyncio/httpx clients (N from ``--clients``, default 1 8 32; the kill runs use
+``--kill-clients``) send ``POST /v1/recommend`` (k=10, histories of 1-20 random catalog items,
+exclude_history) back to back for ``--seconds``. A run's mean batch is the replica's count of decoded
+requests over its count of batches during that run (from /healthz before and after).
+
+Then, with Serve shut down, the offline decoder: ``Recommender.recommend`` on the same store, with the
+torch threads of one replica, on requests drawn the same way, in batches of the sizes around each run's
+mean batch size (floor and ceil, a batch's time interpolated between them), ``--offline-seconds`` each. ``served / offline`` = a run's requests/s over the offline
+requests/s at its batch size: 1.0 would mean Serve (proxy, ingress, handle call, batching wait, the load
+generator on the same cores) costs nothing on top of the decoder. The load generator shares the
+machine's cores with the replicas, so served numbers are lower bounds. Prints a table and writes JSON to
 ``bench/results/serve_load.json``.
 """
 
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -58,6 +68,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
+def random_history(rng: random.Random, items: list[str]) -> list[str]:
+    """What every load request (and the offline decoder's) asks about: 1-20 random catalog items."""
+    return rng.sample(items, rng.randint(1, 20))
+
+
 async def run_load(url: str, items: list[str], clients: int, seconds: float, seed: int,
                    during=None) -> dict:
     """``clients`` loops of POST /v1/recommend for ``seconds``; ``during`` (a coroutine function) runs
@@ -72,7 +87,7 @@ async def run_load(url: str, items: list[str], clients: int, seconds: float, see
     async def client(n: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             while time.perf_counter() < deadline:
-                body = {"history": rng.sample(items, rng.randint(1, 20)), "k": 10, "exclude_history": True}
+                body = {"history": random_history(rng, items), "k": 10, "exclude_history": True}
                 t0 = time.perf_counter()
                 try:
                     r = await c.post("/v1/recommend", json=body)
@@ -132,87 +147,188 @@ def kill_one_replica(app: str, after_s: float, recover_timeout_s: float):
     return run
 
 
+def batch_counts(health: dict, fallback_requests: int) -> tuple[float, float]:
+    """(batches, requests) a replica has decoded for /v1/recommend since it started, from /healthz: its raw
+    counters when it reports them, else the requests the bench sent it (``fallback_requests``) over its
+    rounded mean batch size (exact to a fraction of a batch for a few thousand requests)."""
+    raw = (health.get("batches") or {}).get("recommend")
+    if raw:
+        return float(raw[0]), float(raw[1])
+    mean = (health.get("mean_batch_size") or {}).get("recommend")
+    return (fallback_requests / mean if mean else 0.0), float(fallback_requests)
+
+
+def offline_decoder(store: str, items: list[str], batch_sizes: set[int], threads: int, num_beams: int,
+                    seconds: float, seed: int) -> dict[int, dict]:
+    """Requests/s of ``Recommender.recommend`` alone (what a replica runs per batch) at each batch size, on
+    requests drawn like the load's, with ``threads`` torch threads, ``seconds`` of decoding each."""
+    import torch
+
+    from sidrec.recommender import Recommender
+
+    torch.set_num_threads(threads)
+    rec = Recommender.from_store(store, num_beams=num_beams, device="cpu")
+    rng = random.Random(seed)
+    out = {}
+    for b in sorted(batch_sizes):
+        rec.recommend([random_history(rng, items) for _ in range(b)], k=10, exclude_history=True)  # warm-up
+        spent, batches = 0.0, 0
+        while spent < seconds or batches < 3:
+            histories = [random_history(rng, items) for _ in range(b)]
+            t0 = time.perf_counter()
+            rec.recommend(histories, k=10, exclude_history=True)
+            spent += time.perf_counter() - t0
+            batches += 1
+        out[b] = {"rps": round(b * batches / spent, 2), "ms_per_batch": round(1000 * spent / batches, 1),
+                  "batches": batches}
+        print(f"offline  batch {b:3d}: {out[b]}", flush=True)
+    return out
+
+
 def print_table(results: dict, args: argparse.Namespace) -> None:
     print()
-    print(f"{args.clients} clients x {args.seconds:g}s per run, POST /v1/recommend k=10, num_beams={args.num_beams}")
-    print("| run | requests/s | p50 ms | p99 ms | ok | failed | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"{args.seconds:g}s per run, POST /v1/recommend k=10, num_beams={args.num_beams}; offline decoder: "
+          f"{results['replica_threads']} torch thread(s), as a replica")
+    print("| clients | run | requests/s | p50 ms | p99 ms | ok | failed | mean batch | offline req/s at that batch "
+          "| served / offline |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"].values():
-        print(f"| {r['label']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ok']} | "
-              f"{r['errors']} | {r['mean_batch_size']} |")
-    for name in ("kill", "kill0"):
-        kill = results["runs"].get(name, {}).get("kill")
-        if kill:
+        print(f"| {r['clients']} | {r['label']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ok']} "
+              f"| {r['errors']} | {r['mean_batch_size']} | {r['offline_rps']:.2f} | {r['served_over_offline']:.2f} |")
+    for name, r in results["runs"].items():
+        if r.get("kill"):
+            kill = r["kill"]
             print(f"{name}: killed replica {kill['killed']}; replacement running after "
                   f"{kill['replacement_running_after_s']}s")
 
 
-def main(argv: list[str] | None = None) -> int:
+def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int, object]]:
+    """(run key, app, label, clients, side task) in order: batched and single at every client count, then
+    the kill run(s)."""
+    runs: list[tuple[str, str, str, int, object]] = []
+    for c in args.clients:
+        runs.append((f"batched@{c}", "batched", f"@serve.batch max_batch_size={args.max_batch_size}", c, None))
+        runs.append((f"single@{c}", "single", "no batching (max_batch_size=1)", c, None))
+    kc, third = args.kill_clients, args.seconds / 3
+    runs.append((f"kill@{kc}", "kill", f"2 replicas, batched, one killed at t={third:.0f}s", kc,
+                 kill_one_replica("kill", third, recover_timeout_s=90)))
+    if args.kill_without_retries:
+        runs.append((f"kill0@{kc}", "kill0", "same, ingress retries off", kc, kill_one_replica("kill0", third, 90)))
+    return runs
+
+
+def run_all(url: str, items: list[str], apps: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Warm every app up, then each planned run; per run the mean batch size its replica formed."""
+    import httpx
+
+    sent = dict.fromkeys(apps, 0)  # /v1/recommend requests each app has answered (for batch_counts)
+    for name in apps:  # warm-up (first batch, tokenizer caches)
+        httpx.post(f"{url}/{name}/v1/recommend", json={"history": items[:3], "k": 10}, timeout=120)
+        sent[name] += 1
+    runs = {}
+    for n, (key, app, label, clients, during) in enumerate(plan_runs(args)):
+        before = batch_counts(httpx.get(f"{url}/{app}/healthz", timeout=60).json(), sent[app])
+        out = asyncio.run(run_load(f"{url}/{app}", items, clients, args.seconds, seed=n, during=during))
+        sent[app] += out["ok"]
+        health = httpx.get(f"{url}/{app}/healthz", timeout=60).json()
+        after = batch_counts(health, sent[app])
+        batches, requests = after[0] - before[0], after[1] - before[1]
+        # a killed replica takes its counters along: the survivor's cumulative mean is the best left
+        out["mean_batch_size"] = (round(requests / batches, 2) if batches > 0.5 and during is None
+                                  else (health.get("mean_batch_size") or {}).get("recommend"))
+        out.update(label=label, clients=clients, app=app)
+        runs[key] = out
+        print(f"{key:12s} {out}", flush=True)
+    return runs
+
+
+def offline_at(offline: dict[int, dict], mean: float) -> float:
+    """Offline requests/s at a mean batch size ``mean``, from the batch sizes around it: a batch's time is
+    interpolated linearly between floor(mean) and ceil(mean) (a mix of batch sizes with that mean costs
+    about that much when the decoder's time is near linear in the batch size)."""
+    lo, hi = max(1, math.floor(mean)), max(1, math.ceil(mean))
+    t_lo, t_hi = offline[lo]["ms_per_batch"], offline[hi]["ms_per_batch"]
+    t = t_lo + (mean - lo) * (t_hi - t_lo) if hi > lo else t_lo
+    return 1000 * max(mean, 1.0) / t
+
+
+def add_offline(results: dict, store: str, items: list[str], args: argparse.Namespace) -> None:
+    """The offline decoder at each run's mean batch size, and each run's served / offline ratio."""
+    means = [max(1.0, r["mean_batch_size"] or 1.0) for r in results["runs"].values()]
+    sizes = {b for m in means for b in (math.floor(m), math.ceil(m))}
+    offline = offline_decoder(store, items, sizes, results["replica_threads"], args.num_beams,
+                              args.offline_seconds, seed=len(results["runs"]))
+    results["offline"] = {str(b): v for b, v in offline.items()}
+    for r, m in zip(results["runs"].values(), means, strict=True):
+        r["offline_batch"], r["offline_rps"] = m, round(offline_at(offline, m), 2)
+        r["served_over_offline"] = round(r["rps"] / r["offline_rps"], 3)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default=str(REPO / "artifacts" / "quickstart"), help="artifact store root")
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32],
+                   help="concurrent clients, one batched and one unbatched run per value")
+    p.add_argument("--kill-clients", type=int, default=8, help="concurrent clients of the kill run(s)")
     p.add_argument("--seconds", type=float, default=20.0, help="per run")
+    p.add_argument("--offline-seconds", type=float, default=10.0, help="offline decoding per batch size")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--num-beams", type=int, default=20)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per replica (default: its CPUs rounded up, as Serve does)")
     p.add_argument("--kill-without-retries", action="store_true",
-                   help="also run the kill with the ingress's retries off (2 more replicas, +20 s)")
+                   help="also run the kill with the ingress's retries off (2 more replicas, one more run)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
-    if args.clients < 1 or not 1 <= args.seconds <= 120:
-        p.error("--clients must be >= 1 and --seconds in [1, 120]")
+    if min(args.clients) < 1 or args.kill_clients < 1 or not 1 <= args.seconds <= 120:
+        p.error("--clients and --kill-clients must be >= 1 and --seconds in [1, 120]")
+    if args.offline_seconds <= 0 or (args.torch_threads is not None and args.torch_threads < 1):
+        p.error("--offline-seconds must be > 0 and --torch-threads >= 1")
     store = args.store if "://" in args.store else os.path.abspath(args.store)
     if "://" not in store and not os.path.isdir(os.path.join(store, "model")):
         p.error(f"no trained store at {store}: run `sidrec train --config quickstart store.root={args.store}`")
+    args.store = store
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import ray
     from ray import serve
 
     from sidrec.serve.app import build_app
 
+    store = args.store
     items = catalog_ids(store)
     t_start = time.perf_counter()
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    results: dict = {"store": store, "clients": args.clients, "seconds_per_run": args.seconds,
-                     "num_beams": args.num_beams, "cpu_cores": os.cpu_count(), "runs": {}}
+    one_cpu, half_cpu = 1.0, 0.5
+    results: dict = {"store": store, "clients": args.clients, "kill_clients": args.kill_clients,
+                     "seconds_per_run": args.seconds, "num_beams": args.num_beams, "cpu_cores": os.cpu_count(),
+                     "replica_threads": args.torch_threads or math.ceil(one_cpu), "runs": {}}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        common = {"store_root": store, "num_beams": args.num_beams}
+        common = {"store_root": store, "num_beams": args.num_beams,
+                  **({"torch_threads": args.torch_threads} if args.torch_threads else {})}
+        batched = {**common, "max_batch_size": args.max_batch_size}
         apps = {
-            "batched": build_app({**common, "max_batch_size": args.max_batch_size, "num_cpus": 1}),
-            "single": build_app({**common, "max_batch_size": 1, "num_cpus": 1}),
-            "kill": build_app({**common, "max_batch_size": args.max_batch_size, "num_cpus": 0.5,
-                               "num_replicas": 2}),
+            "batched": build_app({**batched, "num_cpus": one_cpu}),
+            "single": build_app({**common, "max_batch_size": 1, "num_cpus": one_cpu}),
+            "kill": build_app({**batched, "num_cpus": half_cpu, "num_replicas": 2}),
         }
         if args.kill_without_retries:
-            apps["kill0"] = build_app({**common, "max_batch_size": args.max_batch_size, "num_cpus": 0.5,
-                                       "num_replicas": 2, "retries": 0})
+            apps["kill0"] = build_app({**batched, "num_cpus": half_cpu, "num_replicas": 2, "retries": 0})
         t0 = time.perf_counter()
         serve.run_many([serve.RunTarget(a, name=name, route_prefix=f"/{name}") for name, a in apps.items()])
         results["deploy_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"{len(apps)} apps ready in {results['deploy_seconds']}s on {os.cpu_count()} cores", flush=True)
-
-        import httpx
-
-        for name in apps:  # warm-up (first batch, tokenizer caches)
-            httpx.post(f"{url}/{name}/v1/recommend", json={"history": items[:3], "k": 10}, timeout=120)
-        runs = [("batched", f"@serve.batch max_batch_size={args.max_batch_size}", None),
-                ("single", "no batching (max_batch_size=1)", None),
-                ("kill", f"2 replicas, batched, one killed at t={args.seconds / 3:.0f}s",
-                 kill_one_replica("kill", args.seconds / 3, recover_timeout_s=90))]
-        if args.kill_without_retries:
-            runs.append(("kill0", "same, ingress retries off", kill_one_replica("kill0", args.seconds / 3, 90)))
-        for n, (name, label, during) in enumerate(runs):
-            out = asyncio.run(run_load(f"{url}/{name}", items, args.clients, args.seconds, seed=n, during=during))
-            health = httpx.get(f"{url}/{name}/healthz", timeout=60).json()
-            out["mean_batch_size"] = health.get("mean_batch_size", {}).get("recommend")
-            out["label"] = label
-            results["runs"][name] = out
-            print(f"{name:8s} {out}", flush=True)
+        results["runs"] = run_all(url, items, list(apps), args)
     finally:
         serve.shutdown()
         ray.shutdown()
+    add_offline(results, store, items, args)  # Serve is down: the decoder has the cores to itself
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(results, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

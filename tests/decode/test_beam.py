@@ -123,11 +123,27 @@ class _DeadEndIndex:
     def __getattr__(self, name):
         return getattr(self._index, name)
 
-    def allowed_from_state(self, state, depth):
-        mask = self._index.allowed_from_state(state, depth)
+    def _dead(self) -> int:
+        return int(self._index.node_of(torch.tensor([[self.first]]))[0])
+
+    def child_table(self, depth, device=None):
+        table = self._index.child_table(depth, device)
+        if depth == 1 and table is not None:
+            table = table.clone()
+            table[self._dead()] = self._index.n_nodes(2)  # the sentinel: no child
+        return table
+
+    def allowed_table(self, depth, device=None):
+        table = self._index.allowed_table(depth, device)
+        if depth == 1 and table is not None:
+            table = table.clone()
+            table[self._dead()] = False
+        return table
+
+    def allowed_from_nodes(self, node_ids, depth):
+        mask = self._index.allowed_from_nodes(node_ids, depth)
         if depth == 1:
-            dead = self._index.state_of(torch.tensor([[self.first]], device=state.device))[0, 0]
-            mask[state[:, 0] == dead] = False
+            mask[node_ids == self._dead()] = False
         return mask
 
 
@@ -239,3 +255,54 @@ def test_token_table_and_missing_tokens(setup):
     wide = SidIndex.build(np.array([[0, 0, 0, 40]]), ["x"], codebook_size=64)  # <d_40> was never added
     with pytest.raises(ValueError, match="lacks SID tokens.*<d_40>"):
         SidDecoder(model, tok, wide)
+
+
+@pytest.mark.parametrize("dense", ["all", "top", "none"])
+def test_dense_and_csr_trie_paths_agree_with_hf(setup, monkeypatch, dense):
+    """The dense child tables (every depth of a small catalog, the top ones of a large one) and the CSR
+    trie give the same search, with a delta index, retired items and exclusions in play."""
+    model, tok, _, prompts, codes, ids = setup
+    if dense != "all":  # "top": the root and depth 1 (<= K + 1 rows) dense, deeper depths from the CSR trie
+        monkeypatch.setattr(SidIndex, "dense_max_entries", (K + 1) * K if dense == "top" else 0)
+    index = SidIndex.build(codes[:120], ids[:120], codebook_size=K)
+    index.add(codes[120:], ids[120:])
+    index.remove(["i3", "i130", "i77"])
+    exclude = [{"i1", "i125"}, set(), {"i0", "i2", "i4"}]
+    ours = SidDecoder(model, tok, index).search(prompts[:3], k=10, exclude=exclude)
+    ref = hf_reference_search(model, tok, index, prompts[:3], k=10, num_beams=20, exclude=exclude)
+    for a, b in zip(ours, ref, strict=True):
+        assert _summary(a) == _summary(b)
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5, atol=1e-4)
+
+
+def test_one_decoder_follows_retires_and_adds(setup):
+    """A long-lived decoder (as a Serve replica holds) sees every catalog change: its cached tables of the
+    trie are rebuilt after a retire, and new delta items are searched."""
+    model, tok, _, prompts, codes, ids = setup
+    index = SidIndex.build(codes[:100], ids[:100], codebook_size=K)
+    dec = SidDecoder(model, tok, index)
+    first = dec.search(prompts, k=10)
+    gone = sorted({i for hits in first for h in hits[:2] for i in h.items})
+    index.remove(gone)
+    after = dec.search(prompts, k=10)
+    assert not set(gone) & {i for hits in after for h in hits for i in h.items}
+    ref = hf_reference_search(model, tok, index, prompts, k=10, num_beams=20)
+    assert [_summary(a) for a in after] == [_summary(b) for b in ref]
+    index.add(codes[100:], ids[100:])
+    index.add(codes[:1], ids[:1])  # an upsert of a main item: retired there, present in the delta
+    later = dec.search(prompts, k=10, exclude=[{"i101"}] * len(prompts))
+    ref = hf_reference_search(model, tok, index, prompts, k=10, num_beams=20, exclude=[{"i101"}] * len(prompts))
+    assert [_summary(a) for a in later] == [_summary(b) for b in ref]
+
+
+def test_exclusion_with_shared_sids_matches_reference(setup):
+    """keep policy: a SID with several items is pruned only when all of them are excluded."""
+    model, tok, _, prompts, codes, ids = setup
+    kept = SidIndex.build(codes[:, :3], ids, codebook_size=K)  # i0..i9 share one SID
+    dec = SidDecoder(model, tok, kept)
+    prompt = [encode_prompt(_prompt([21], [render_sid(c) for c in codes]), tok, 128)]
+    for ex in ({"i0", "i1"}, {f"i{n}" for n in range(10)}, {f"i{n}" for n in range(10)} | {"i20", "i21"}):
+        ours = dec.search(prompt * 2, k=10, exclude=[ex, set()])
+        ref = hf_reference_search(model, tok, kept, prompt * 2, k=10, num_beams=20, exclude=[ex, set()])
+        assert [_summary(a) for a in ours] == [_summary(b) for b in ref]
+        assert not ex & {i for h in ours[0] for i in h.items}

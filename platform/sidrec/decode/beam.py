@@ -8,10 +8,18 @@ How one batch of R requests is decoded (L = SID levels, B = beams):
 1. prefill: the R left-padded prompts run once ([R, T]); the last position's logits score level 0, so
    the prompt is never copied B times before it is encoded (Hugging Face ``generate`` prefills R*B rows);
 2. the best B valid first codes per request are kept and the KV cache is repeated to [R*B, ...];
-3. for levels 1..L-1, one forward step of the R*B beams; per step the index turns every beam's trie node
-   into a [R*B, K] mask of valid next codes (tensor ops, no per-beam Python), and top-B over B*K
-   candidates per request picks the new beams. Only the few generated cache positions are reordered:
-   beams never leave their request, and all beams of a request share the prompt part of the cache.
+3. for levels 1..L-1, one forward step of the R*B beams; per step every beam's trie node becomes a
+   [R*B, K] mask of valid next codes, and top-B over B*K candidates per request picks the new beams. Only
+   the few generated cache positions are reordered: beams never leave their request, and all beams of a
+   request share the prompt part of the cache.
+
+Per step the search does a fixed handful of tensor ops, whatever R and B (no per-beam Python, no host
+sync until the end), so on a small model it costs little next to the forward pass: where the index has a
+dense table for the depth (``SidIndex.child_table``: all depths of a catalog with up to ~16K SIDs, the
+first two of any catalog) one gather of the beams' rows gives both the mask (entry >= 0) and, after
+top-k, the chosen beams' next nodes (a gather at the top-k indices); deeper, larger depths use the CSR
+trie's ``allowed_from_nodes`` / ``step``. The last level's nodes are the leaves, so the hits' item rows
+need no second trie lookup.
 
 Scoring (``scoring``): "raw" = the model's log-probabilities over the whole vocabulary, summed over the L
 tokens (invalid tokens are masked but their mass is not redistributed); "renormalized" = log-probabilities
@@ -35,6 +43,7 @@ import numpy as np
 import torch
 
 from sidrec.config import NUM_BEAMS, TOP_K
+from sidrec.decode.exclusion import ban_tables, mask_banned
 from sidrec.sids.index import SidIndex
 from sidrec.sids.tokens import render_sid, sid_token
 
@@ -82,6 +91,60 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+class _TrieWalk:
+    """The trie nodes of a batch of beams, in the main index and its delta, one depth per level.
+
+    ``allowed(depth)`` -> [N, K] valid next codes of the N beams; ``advance`` moves to the beams top-k kept.
+    Where the index has dense tables for the depth (``SidIndex.allowed_table`` / ``child_table``) that is one
+    row lookup for the mask and one lookup per kept beam for its next node, with absent nodes held as the
+    tables' sentinel (a valid row, so no -1 handling); deeper, larger depths ask the CSR trie
+    (``allowed_from_nodes`` / ``step``, absent = -1)."""
+
+    def __init__(self, index: SidIndex, n: int, device: torch.device):
+        self.parts = [index] if index.delta is None else [index, index.delta]
+        self.nodes = [torch.zeros(n, dtype=torch.long, device=device) for _ in self.parts]  # [N] per part
+        self.sentinel = [True] * len(self.parts)        # nodes in the dense tables' form (the root is 0)
+        self.ids: list[torch.Tensor | None] = [None] * len(self.parts)  # this depth's child table or None
+        self.device = device
+
+    def allowed(self, depth: int) -> torch.Tensor:
+        out = None
+        for i, part in enumerate(self.parts):
+            table = part.allowed_table(depth, self.device)
+            self.ids[i] = None if table is None else part.child_table(depth, self.device)
+            if table is not None:
+                if not self.sentinel[i]:  # from the CSR trie: -1 -> the sentinel row
+                    self.nodes[i], self.sentinel[i] = self.nodes[i].remainder(table.shape[0]), True
+                ok = table.index_select(0, self.nodes[i])
+            else:
+                if self.sentinel[i]:
+                    self.nodes[i], self.sentinel[i] = self._minus1(part, depth, self.nodes[i]), False
+                ok = part.allowed_from_nodes(self.nodes[i], depth)
+            out = ok if out is None else out | ok
+        return out
+
+    def advance(self, parent: torch.Tensor, codes: torch.Tensor, depth: int) -> None:
+        """parent [R*B]: the kept beams' rows among the N; codes [R*B, 1]: their new codes."""
+        for i, (part, ids) in enumerate(zip(self.parts, self.ids, strict=True)):
+            nodes = self.nodes[i].index_select(0, parent)
+            if ids is None:
+                self.nodes[i] = part.step(nodes, codes.view(-1), depth)
+            else:
+                self.nodes[i] = ids.view(-1).index_select(0, nodes * ids.shape[1] + codes.view(-1))
+
+    def leaves(self) -> torch.Tensor:
+        """[N, 2] long (main, delta) nodes: after the last level, the leaves (-1 where absent)."""
+        out = [self._minus1(p, p.levels, n) if s else n.long()
+               for p, n, s in zip(self.parts, self.nodes, self.sentinel, strict=True)]
+        return torch.stack(out if len(out) == 2 else [out[0], torch.full_like(out[0], -1)], dim=1)
+
+    @staticmethod
+    def _minus1(part: SidIndex, depth: int, nodes: torch.Tensor) -> torch.Tensor:
+        """Depth-``depth`` nodes in the sentinel form -> long, -1 where absent."""
+        nodes = nodes.long()
+        return torch.where(nodes < part.n_nodes(depth), nodes, -1)
+
+
 class SidDecoder:
     """Batched constrained beam search of a causal LM over the SIDs of a ``SidIndex``."""
 
@@ -113,6 +176,14 @@ class SidDecoder:
         self._item_codes: dict[str, tuple[int, ...]] | None = None
         self._item_codes_version = -1  # the index version the map was built from
         self.pad_id = pad_id(tokenizer)
+        # per level: the logit column of each code [K] (any column where it has no token), the first column
+        # when they are one contiguous range (a slice then reads them), and which codes have a token (None: all)
+        self._cols = list(self.tokens.clamp(min=0).unbind(0))
+        ramp = torch.arange(self.tokens.shape[1], device=self.device)
+        self._start = [int(t[0]) if bool((t == t[0] + ramp).all()) else None for t in self.tokens]
+        self._has_token = [None if bool((t >= 0).all()) else t >= 0 for t in self.tokens]
+        K = index.codebook_size
+        self._shift = K.bit_length() - 1 if K & (K - 1) == 0 else None  # code = flat & (K-1) when K = 2**s
         index.to(self.device)
 
     # ----------------------------------------------------------------------------------- helpers
@@ -127,60 +198,6 @@ class SidDecoder:
         """The SID codes of a stored item (KeyError if unknown)."""
         return self._item_index()[str(item_id)]
 
-    def _excluded_sids(self, exclude: Collection[str]) -> list[tuple[int, ...]]:
-        """SIDs all of whose items are in ``exclude`` (those can be removed from the search)."""
-        ex = set(map(str, exclude))
-        out = set()
-        for item in ex:
-            codes = self.item_codes(item)
-            if codes not in out and set(map(str, self.index.items_of(codes))) <= ex:
-                out.add(codes)
-        return sorted(out)
-
-    def _bans(self, exclude: Sequence[Collection[str]]) -> list[torch.Tensor]:
-        """Per level l, [R, E, l+1]: (prefix, code) pairs whose whole subtree is excluded, -1-padded.
-
-        A prefix is banned where it is reached, at the highest level possible, so no beam is spent on a
-        branch that can only end in excluded items (that is what a trie without those items would do)."""
-        L, R = self.levels, len(exclude)
-        per_level: list[list[list[tuple[int, ...]]]] = [[[] for _ in range(R)] for _ in range(L)]
-        for r, ex in enumerate(exclude):
-            sids = self._excluded_sids(ex)
-            if not sids:
-                continue
-            arr = np.asarray(sids, dtype=np.int64)
-            done: set[tuple[int, ...]] = set()  # banned shorter prefixes: their subtrees are gone already
-            for d in range(1, L + 1):
-                prefixes, counts = np.unique(arr[:, :d], axis=0, return_counts=True)
-                full = counts == self.index.leaf_counts(prefixes)
-                for p in prefixes[full]:
-                    p = tuple(int(x) for x in p)
-                    if not any(p[:j] in done for j in range(1, d)):
-                        per_level[d - 1][r].append(p)
-                        done.add(p)
-        out = []
-        for level in range(L):
-            E = max(1, max(len(x) for x in per_level[level]))
-            t = torch.full((R, E, level + 1), -1, dtype=torch.long)
-            for r, rows in enumerate(per_level[level]):
-                if rows:
-                    t[r, :len(rows)] = torch.as_tensor(rows)
-            out.append(t.to(self.device))
-        return out
-
-    @staticmethod
-    def _mask_banned(allowed: torch.Tensor, prefix: torch.Tensor, ban: torch.Tensor, R: int, B: int) -> torch.Tensor:
-        """allowed [R*B, K] & not banned: ``ban`` [R, E, l+1] holds (prefix of length l, code) rows of each
-        request (-1 = padding); ``prefix`` [R*B, l] is every beam's codes so far."""
-        E, l1 = ban.shape[1], ban.shape[2]
-        pre = prefix.view(R, B, 1, l1 - 1)
-        hit = (pre == ban[:, None, :, :l1 - 1]).all(-1) & (ban[:, None, :, 0] >= 0)     # [R, B, E]
-        code = ban[:, None, :, l1 - 1].expand(R, B, E)
-        K = allowed.shape[1]
-        block = torch.zeros(R, B, K + 1, dtype=torch.bool, device=allowed.device)
-        block.scatter_(2, torch.where(hit, code, K), True)
-        return allowed & ~block[..., :K].reshape(R * B, K)
-
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1)
@@ -188,13 +205,14 @@ class SidDecoder:
 
     def _level_scores(self, logits: torch.Tensor, level: int, allowed: torch.Tensor) -> torch.Tensor:
         """logits [N, V] -> log-prob of each code at ``level`` [N, K], -inf where not allowed."""
-        tok = self.tokens[level]
-        cols = tok.clamp(min=0)
-        allowed = allowed & (tok >= 0)[None, :]
+        has_token, start, cols = self._has_token[level], self._start[level], self._cols[level]
+        if has_token is not None:
+            allowed = allowed & has_token
         if self.scoring == "raw":
-            scores = torch.log_softmax(logits, dim=-1).gather(1, cols.expand(logits.shape[0], -1))
-            return scores.masked_fill(~allowed, float("-inf"))
-        masked = logits.gather(1, cols.expand(logits.shape[0], -1)).masked_fill(~allowed, float("-inf"))
+            logp = torch.log_softmax(logits, dim=-1)
+            codes = logp.narrow(1, start, cols.numel()) if start is not None else logp.index_select(1, cols)
+            return torch.where(allowed, codes, float("-inf"))
+        masked = torch.where(allowed, logits.index_select(1, cols), float("-inf"))
         # renormalize over the valid codes; a row with none stays all -inf (log_softmax would give NaN)
         any_ok = allowed.any(dim=-1, keepdim=True)
         return torch.where(any_ok, torch.log_softmax(masked.masked_fill(~any_ok, 0.0), dim=-1),
@@ -225,65 +243,68 @@ class SidDecoder:
         if not constrained:
             return self._search_free(prompts, k)
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # a no-op train(False) still walks every module: skip it when serving
+            self.model.eval()
         try:
-            codes, scores = self._beams(prompts, exclude)
+            codes, scores, leaves = self._beams(prompts, exclude)
         finally:
-            self.model.train(was_training)
-        return [self._hits(codes[r], scores[r], k, exclude[r] if exclude is not None else ()) for r in range(len(prompts))]
+            if was_training:
+                self.model.train()
+        rows = self._rows(leaves, scores)
+        return [self._hits(codes[r], scores[r], rows[r], k, exclude[r] if exclude is not None else ())
+                for r in range(len(prompts))]
 
-    def _beams(self, prompts, exclude) -> tuple[np.ndarray, np.ndarray]:
-        """Constrained search -> codes [R, B, L] and scores [R, B] (descending; -inf = no valid beam)."""
+    def _beams(self, prompts, exclude) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Constrained search -> codes [R, B, L], scores [R, B] (descending; -inf = no valid beam) and the
+        beams' leaves [R, B, 2] (main, delta node at depth L; -1 where absent)."""
         R, B, L, dev = len(prompts), self.num_beams, self.levels, self.device
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, pos, None)                        # [R, V]
         T = ids.shape[1]
-        next_pos = pos[:, -1] + 1                                                  # [R]
-        bans = self._bans(exclude) if exclude is not None else None                 # per level [R, E, l+1]
-
-        state = self.index.state_of(torch.zeros(R, 0, dtype=torch.long, device=dev))  # root, [R, 2]
-        allowed = self.index.allowed_from_state(state, 0)
-        if bans is not None:
-            allowed = self._mask_banned(allowed, torch.zeros(R, 0, dtype=torch.long, device=dev), bans[0], R, 1)
-        level_scores = self._level_scores(logits, 0, allowed)                      # [R, K]
-        K = level_scores.shape[1]
-        width = min(B, K)
-        top, code = level_scores.topk(width, dim=-1)                               # [R, width]
-        if width < B:  # fewer codes than beams: pad with dead beams
-            top = torch.cat([top, top.new_full((R, B - width), float("-inf"))], dim=1)
-            code = torch.cat([code, code.new_zeros((R, B - width))], dim=1)
-        beam_scores = top.reshape(R * B)
-        beam_codes = code.reshape(R * B, 1)
-        state = state.repeat_interleave(B, dim=0)
-        state = self.index.step_state(state, beam_codes[:, 0], 0)
-        if L == 1:
-            return beam_codes.view(R, B, 1).cpu().numpy(), beam_scores.view(R, B).cpu().numpy()
-
-        cache.batch_repeat_interleave(B)
-        mask = mask.repeat_interleave(B, dim=0)
-        step_pos = next_pos.repeat_interleave(B)
-        base = (torch.arange(R, device=dev) * B)[:, None]                          # [R, 1]
-        for level in range(1, L):
-            # dead (-inf) beams may hold a code without a token (-1): feed any token, their score stays -inf
-            tokens = self.tokens[level - 1].gather(0, beam_codes[:, -1]).clamp(min=0)  # [R*B]
-            mask = torch.cat([mask, mask.new_ones(R * B, 1)], dim=1)
-            logits, cache = self._forward(tokens[:, None], mask, step_pos[:, None], cache)
-            step_pos = step_pos + 1
-            allowed = self.index.allowed_from_state(state, level)
+        bans = None if exclude is None else ban_tables(self.index, self._item_index(), exclude, dev)  # [R, E, l+1]
+        walk = _TrieWalk(self.index, R, dev)                                        # every request at the root
+        first = torch.arange(R, device=dev)[:, None]                               # [R, 1] first row of request r
+        step_pos = pos[:, -1:] + 1                                                 # [R, 1]
+        beam_scores = beam_codes = new_code = logits.new_zeros(0)
+        b = 1  # beams per request so far: 1 (the prompt) before level 0, then B
+        for level in range(L):
+            if level:
+                # dead (-inf) beams may hold a code without a token: they feed any token, their score stays -inf
+                tokens = self._cols[level - 1].index_select(0, new_code.view(-1)).view(-1, 1)  # [R*B, 1]
+                logits, cache = self._forward(tokens, mask[:, :T + level], step_pos, cache)
+                step_pos = step_pos + 1
+            allowed = walk.allowed(level)                                          # [R*b, K]
             if bans is not None:
-                allowed = self._mask_banned(allowed, beam_codes, bans[level], R, B)
-            cand = self._level_scores(logits, level, allowed) + beam_scores[:, None]  # [R*B, K]
-            top, flat = cand.view(R, B * K).topk(B, dim=-1)                       # [R, B]
-            parent = (base + flat // K).reshape(-1)                                # [R*B] rows into R*B
-            new_code = (flat % K).reshape(-1, 1)
-            beam_scores = top.reshape(-1)
-            beam_codes = torch.cat([beam_codes[parent], new_code], dim=1)
-            if level < L - 1:  # the last level needs no trie node and no cache
-                state = self.index.step_state(state[parent], new_code[:, 0], level)
+                prefix = beam_codes if level else first.new_zeros(R, 0)
+                allowed = mask_banned(allowed, prefix, bans[level], R, b)
+            cand = self._level_scores(logits, level, allowed)                      # [R*b, K]
+            if level:
+                cand = cand + beam_scores
+            K = cand.shape[1]
+            top, flat = cand.view(R, b * K).topk(min(B, b * K), dim=-1)          # [R, B]
+            if top.shape[1] < B:  # fewer codes than beams (level 0 only): pad with dead beams
+                top = torch.cat([top, top.new_full((R, B - top.shape[1]), float("-inf"))], dim=1)
+                flat = torch.cat([flat, flat.new_zeros((R, B - flat.shape[1]))], dim=1)
+            if self._shift is not None:  # K a power of two (the usual codebook): a shift and a mask
+                parent, new_code = ((flat >> self._shift) + first).view(-1), (flat & (K - 1)).view(-1, 1)
+            else:
+                parent, new_code = (flat // K + first).view(-1), (flat % K).view(-1, 1)  # [R*B], [R*B, 1]
+            walk.advance(parent, new_code, level)
+            beam_scores = top.view(-1, 1)                                          # [R*B, 1]
+            beam_codes = torch.cat([beam_codes.index_select(0, parent), new_code], dim=1) if level else new_code
+            if level == 0 and L > 1:  # every request's cache, mask and position to its B beams
+                cache.batch_repeat_interleave(B)
+                # the mask of every step at once: step l attends to the T prompt positions and l generated ones
+                mask = torch.cat([mask.repeat_interleave(B, dim=0), mask.new_ones(R * B, L - 1)], dim=1)
+                step_pos = step_pos.repeat_interleave(B, dim=0)
+                first = first * B
+            elif 0 < level < L - 1:  # the last level needs no cache
                 self._reorder_generated(cache, parent, T)
-        return beam_codes.view(R, B, L).cpu().numpy(), beam_scores.view(R, B).cpu().numpy()
+            b = B
+        return (beam_codes.view(R, B, L).cpu().numpy(), beam_scores.view(R, B).cpu().numpy(),
+                walk.leaves().view(R, B, 2).cpu().numpy())
 
     @staticmethod
     def _reorder_generated(cache, parent: torch.Tensor, prompt_len: int) -> None:
@@ -291,23 +312,34 @@ class SidDecoder:
         identical for all beams of a request and beams stay in their request, so they need no copy."""
         for layer in cache.layers:
             for name in ("keys", "values"):
-                t = getattr(layer, name)
-                t[:, :, prompt_len:] = t[parent, :, prompt_len:]
+                generated = getattr(layer, name)[:, :, prompt_len:]               # a view [N, H, g, D]
+                generated.copy_(generated.index_select(0, parent))
 
-    def _hits(self, codes: np.ndarray, scores: np.ndarray, k: int, exclude: Collection[str]) -> list[Hit]:
+    def _rows(self, leaves: np.ndarray, scores: np.ndarray) -> list[list[list[int]]]:
+        """Item rows of every live beam's leaf, one batched call: per request, per beam (dead beams: [])."""
+        R, B = scores.shape
+        alive = np.isfinite(scores).reshape(-1)
+        found = iter(self.index.rows_of_state(leaves.reshape(-1, 2)[alive]))
+        flat = [next(found) if a else [] for a in alive.tolist()]
+        return [flat[r * B:(r + 1) * B] for r in range(R)]
+
+    def _hits(self, codes: np.ndarray, scores: np.ndarray, rows: list[list[int]], k: int,
+              exclude: Collection[str]) -> list[Hit]:
+        """One request's beams (codes [B, L], scores [B], item rows per beam) -> up to ``k`` items' hits."""
         excluded = set(map(str, exclude))
-        alive = np.isfinite(scores)
-        codes, scores = codes[alive], scores[alive]
         hits: list[Hit] = []
         n_items = 0
-        for c, s, rows in zip(codes, scores, self.index.rows_of_many(codes), strict=True):
+        for c, s, beam_rows in zip(codes, scores.tolist(), rows, strict=True):
             if n_items >= k:
                 break
-            items = [i for i in (str(self.index.item_of_row(r)) for r in rows) if i not in excluded][:k - n_items]
+            if not beam_rows:  # a dead beam
+                continue
+            items = [i for i in (str(self.index.item_of_row(r)) for r in beam_rows) if i not in excluded]
+            items = items[:k - n_items]
             if not items:
                 continue
-            sid_codes = tuple(int(x) for x in c)
-            hits.append(Hit(render_sid(sid_codes), sid_codes, float(s), items))
+            sid_codes = tuple(c.tolist())
+            hits.append(Hit(render_sid(sid_codes), sid_codes, s, items))
             n_items += len(items)
         return hits
 

@@ -9,7 +9,8 @@ depth d, numbered in sorted order; per depth the index keeps ``offsets[d]`` (eac
 Queries run on torch tensors, batched, without Python loops over beams and without host syncs (so they work
 on CUDA and inside captured graphs): a node lookup is a fixed-iteration binary search inside each beam's
 child segment (a segmented ``searchsorted``), and ``allowed`` gathers up to K children per beam and
-scatters them into a [B, K] mask.
+scatters them into a [B, K] mask. Depths with few nodes also have a dense table (``child_table``, built on
+first use per device, rebuilt after a retire): one gather gives a beam's allowed codes and child nodes.
 
 Cold-start items go to a small *delta* index (itself a SidIndex, rebuilt on each ``add`` — cheap while it
 is small) that every query consults together with the main one; ``compact()`` merges it into the main index.
@@ -35,6 +36,7 @@ import torch
 
 from sidrec.config import CODEBOOK_SIZE
 from sidrec.sids.trie_arrays import Liveness, build_arrays, check_codes, leaf_range, row_codes
+from sidrec.sids.trie_tables import child_table, segment_mask, segment_search, walk_tables
 
 __all__ = ["SidIndex", "token_mask"]
 
@@ -47,6 +49,8 @@ def _to_torch(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 class SidIndex:
     """Level-wise CSR trie over Semantic IDs; see the module docstring. Build with ``SidIndex.build``."""
+
+    dense_max_entries = 1 << 22  # cells of the largest dense ``child_table`` (16 MiB of int32)
 
     def __init__(self, levels: int, codebook_size: int, offsets: list[np.ndarray],
                  child_codes: list[np.ndarray], item_offsets: np.ndarray | None, item_rows: np.ndarray,
@@ -167,27 +171,13 @@ class SidIndex:
 
     def _search(self, nodes: torch.Tensor, codes: torch.Tensor, depth: int, t: dict) -> torch.Tensor:
         """Child of each depth-``depth`` node with the given code (-1 if node is -1 or no such child)."""
-        child = t["child"][depth]
-        if child.numel() == 0:
-            return torch.full_like(nodes, -1)
-        off = t["offsets"][depth]
-        valid = nodes >= 0
-        safe = nodes.clamp(min=0)
-        lo = torch.where(valid, off[safe], 0)
-        end = torch.where(valid, off[safe + 1], 0)
-        hi = end.clone()
-        last = child.numel() - 1
-        # lower_bound in child[lo:hi]; segments hold <= K codes, so bit_length(K) halvings suffice
-        for _ in range(int(self.codebook_size).bit_length()):
-            active = lo < hi
-            mid = (lo + hi) >> 1
-            less = child[mid.clamp(max=last)].long() < codes
-            lo = torch.where(active & less, mid + 1, lo)
-            hi = torch.where(active & ~less, mid, hi)
-        found = (lo < end) & (child[lo.clamp(max=last)].long() == codes)
-        if t["alive"] is not None:  # a node whose items are all retired is absent
-            found &= t["alive"][depth][lo.clamp(max=last)]
-        return torch.where(found, lo, torch.full_like(lo, -1))
+        dense = self._dense(depth, t)
+        if dense is not None:  # one lookup (-1 -> the sentinel row); codes outside [0, K) have no child
+            K, m = self.codebook_size, self.n_nodes(depth + 1)
+            child = dense[0][nodes.remainder(dense[0].shape[0]), codes.clamp(0, K - 1)].long()
+            return torch.where((codes >= 0) & (codes < K) & (child < m), child, -1)
+        alive = None if t["alive"] is None else t["alive"][depth]
+        return segment_search(t["offsets"][depth], t["child"][depth], alive, nodes, codes, self.codebook_size)
 
     def node_of(self, prefixes: torch.Tensor) -> torch.Tensor:
         """prefixes [B, t] codes (t in 0..L) -> node id at depth t [B] (-1 if the prefix is absent).
@@ -196,6 +186,9 @@ class SidIndex:
         if prefixes.dim() != 2 or prefixes.shape[1] > self.levels:
             raise ValueError(f"prefixes must be [B, t] with t <= {self.levels}, got {tuple(prefixes.shape)}")
         t = self._t(prefixes.device)
+        dense = [self._dense(d, t) for d in range(prefixes.shape[1])]
+        if prefixes.device.type == "cpu" and None not in dense:  # numpy lookups: ~1 us each, not ~5
+            return torch.from_numpy(walk_tables([x[0].numpy() for x in dense], prefixes.numpy(), self.codebook_size))
         prefixes = prefixes.long()
         nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
         for d in range(prefixes.shape[1]):
@@ -217,24 +210,35 @@ class SidIndex:
             raise ValueError(f"depth must be in [0, {self.levels}), got {depth}")
         node_ids = torch.as_tensor(node_ids).long()
         t = self._t(node_ids.device)
-        K = self.codebook_size
-        B = node_ids.shape[0]
-        mask = torch.zeros(B, K + 1, dtype=torch.bool, device=node_ids.device)
-        child = t["child"][depth]
-        if child.numel() and B:
-            off = t["offsets"][depth]
-            valid = node_ids >= 0
-            safe = node_ids.clamp(min=0)
-            start = off[safe]
-            count = torch.where(valid, off[safe + 1] - start, 0)
-            ar = t["arange"]
-            pos = (start[:, None] + ar[None, :]).clamp(max=child.numel() - 1)
-            ok = ar[None, :] < count[:, None]
-            if t["alive"] is not None:  # children whose items are all retired are not allowed
-                ok &= t["alive"][depth][pos]
-            cols = torch.where(ok, child[pos].long(), K)  # K = trash column
-            mask.scatter_(1, cols, True)
-        return mask[:, :K]
+        alive = None if t["alive"] is None else t["alive"][depth]
+        return segment_mask(t["offsets"][depth], t["child"][depth], alive, node_ids, t["arange"])
+
+    def child_table(self, depth: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """Depth-``depth`` nodes as a dense [n_d + 1, K] int32 table of child ids, absent = n_{d+1} (the
+        sentinel form of ``sidrec.sids.trie_tables``), or None above ``dense_max_entries``. Main only."""
+        if not 0 <= depth < self.levels:
+            raise ValueError(f"depth must be in [0, {self.levels}), got {depth}")
+        dense = self._dense(depth, self._t(device))
+        return None if dense is None else dense[0]
+
+    def allowed_table(self, depth: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """[n_d + 1, K] bool: ``child_table(depth) < n_{d+1}``, i.e. ``allowed_from_nodes`` of every node."""
+        if not 0 <= depth < self.levels:
+            raise ValueError(f"depth must be in [0, {self.levels}), got {depth}")
+        dense = self._dense(depth, self._t(device))
+        return None if dense is None else dense[1]
+
+    def _dense(self, depth: int, t: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if (self.n_nodes(depth) + 1) * self.codebook_size > self.dense_max_entries:
+            return None
+        alive, tables = t["alive"], t.setdefault("dense", {})
+        hit = tables.get(depth)
+        if hit is None or hit[0] is not alive:  # a retire replaces t["alive"]: the table is stale
+            mask = None if self._live is None else self._live.alive[depth]
+            ids = torch.from_numpy(child_table(self.offsets[depth], self.child_codes[depth], mask,
+                                               self.codebook_size)).to(t["arange"].device)
+            hit = tables[depth] = (alive, (ids, ids < self.n_nodes(depth + 1)))
+        return hit[1]
 
     # main + delta ------------------------------------------------------------
     def state_of(self, prefixes: torch.Tensor) -> torch.Tensor:
@@ -301,13 +305,13 @@ class SidIndex:
     def rows_of_many(self, codes: np.ndarray) -> list[list[int]]:
         """Full SIDs [M, L] -> for each, the rows of its items (as ``rows_of``), with one batched lookup."""
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.levels)
-        leaves = self.leaves_of(codes)
-        out = [sorted(int(r) for r in self._leaf_rows(int(leaf))) if leaf >= 0 else [] for leaf in leaves]
-        if self.delta is not None:
-            n = self.n_main_rows
-            for rows, extra in zip(out, self.delta.rows_of_many(codes), strict=True):
-                rows += [n + r for r in extra]
-        return out
+        return self.rows_of_state(self.state_of(torch.from_numpy(codes)).numpy())
+
+    def rows_of_state(self, state: np.ndarray) -> list[list[int]]:
+        """Leaf states [M, 2] (main, delta leaf; -1 = absent) -> each one's present rows, as ``rows_of_many``."""
+        parts = list(zip([self, self.delta], [0, self.n_main_rows], strict=True))[:1 + (self.delta is not None)]
+        return [sorted(n + int(r) for (part, n), leaf in zip(parts, s, strict=False) if leaf >= 0
+                       for r in part._leaf_rows(leaf)) for s in np.asarray(state, dtype=np.int64).tolist()]
 
     def live_rows(self) -> np.ndarray:
         """Rows of the present items, ascending (main then delta) [n_items] int64."""
