@@ -91,14 +91,16 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_app(trained_store):
-    """The Serve app (with an admin key) on the trained store, HTTP on 127.0.0.1:<free port>; Serve is shut
-    down afterwards. Yields (base URL, store root)."""
+def demo_app(trained_store, tmp_path_factory):
+    """The Serve app (with an admin key) on a copy of the trained store (its admin writes go to the copy's
+    catalog log, never to the store other tests share), HTTP on 127.0.0.1:<free port>; Serve is shut down
+    afterwards. Yields (base URL, store root)."""
     from ray import serve
 
     from sidrec.serve.app import build_app
 
-    _, root = trained_store
+    root = str(tmp_path_factory.mktemp("demo-store") / "store")
+    shutil.copytree(trained_store[1], root)
     port = free_port()
     t0 = time.perf_counter()
     try:
