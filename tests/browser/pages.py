@@ -16,6 +16,22 @@ def wait(driver, condition, what: str, timeout: float = WAIT_S):
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d), message=what)
 
 
+def click_css(driver, selector: str, what: str, timeout: float = WAIT_S) -> None:
+    """Click the first element matching ``selector`` once it exists, retrying when the page re-renders it
+    between the lookup and the click (a stale element)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def attempt(d) -> bool:
+        found = d.find_elements("css selector", selector)
+        if found:
+            found[0].click()
+        return bool(found)
+
+    WebDriverWait(driver, timeout, poll_frequency=0.2,
+                  ignored_exceptions=(StaleElementReferenceException,)).until(attempt, message=what)
+
+
 def by_id(driver, element_id: str):
     from selenium.webdriver.common.by import By
 

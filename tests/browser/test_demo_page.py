@@ -11,6 +11,7 @@ import pytest
 from tests.browser.pages import (
     assert_same_list,
     by_id,
+    click_css,
     console_errors,
     open_page,
     rendered,
@@ -112,7 +113,7 @@ def test_admin_adds_an_item_search_finds_it_and_retire_removes_it(browser, demo_
 
     # recommendable: a history of just the new item gets the API's answer
     by_id(browser, "new-history").click()
-    browser.find_element("css selector", '#item-results li[data-item-id="ui-demo-1"] button').click()
+    click_css(browser, '#item-results li[data-item-id="ui-demo-1"] button', "the added item's + history button")
     body = {"history": ["ui-demo-1"], "k": 10, "exclude_history": True}
     rows = results_for(browser, body)
     assert_same_list(rows, httpx.post(f"{base}/v1/recommend", json=body, timeout=120).json())
