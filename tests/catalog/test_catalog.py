@@ -2,7 +2,6 @@
 change log, replayed in order by a fresh model, updates that change SIDs, idempotent re-sends, retires
 that hold under the ``keep`` policy, concurrent writers, and entries made under other stage versions."""
 
-import shutil
 import threading
 
 import numpy as np
@@ -21,12 +20,6 @@ from sidrec.store import ArtifactStore
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def root(trained_store, tmp_path):
-    """A private copy of the trained store: catalog writes must not reach the session's store."""
-    dst = tmp_path / "store"
-    shutil.copytree(trained_store[1], dst)
-    return str(dst)
 
 
 def only_candidates(rec: Recommender, keep: list[str]) -> list[str]:

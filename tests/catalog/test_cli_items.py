@@ -2,7 +2,6 @@
 admin API (changes land in the store's log, a fresh model replays them), exit 2 naming the problem on bad
 input, and nothing written then."""
 
-import shutil
 
 import pytest
 
@@ -13,11 +12,6 @@ from sidrec.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def root(trained_store, tmp_path):
-    dst = tmp_path / "store"
-    shutil.copytree(trained_store[1], dst)
-    return str(dst)
 
 
 def items(root, *args):
