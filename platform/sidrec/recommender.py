@@ -19,6 +19,7 @@ import torch
 
 from sidrec.config import CODEBOOK_SIZE, NUM_BEAMS, TOP_K, InstructionConfig, section_from_dict
 from sidrec.decode.beam import Hit, Scoring, SidDecoder, sid_token_table
+from sidrec.hf_lock import MODEL_BUILD_LOCK
 from sidrec.llm.instructions import next_item_prompt
 from sidrec.llm.sft import encode_prompt
 from sidrec.sids.index import SidIndex
@@ -67,8 +68,9 @@ class Recommender:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
         sids = store.sid_table()
         titles, profiles = store.titles(), store.profiles()
         icfg = section_from_dict(InstructionConfig, store.require("instructions")["config"])

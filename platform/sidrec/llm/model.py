@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from sidrec.config import PRESET, ModelConfig
+from sidrec.hf_lock import MODEL_BUILD_LOCK
 from sidrec.sids.tokens import is_sid_token, parse_sid, sid_token
 
 EOS_TOKEN = "<|endoftext|>"
@@ -93,7 +94,7 @@ def build_tiny_qwen2(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qw
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
+    with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Qwen2ForCausalLM(config)
     return model.to(getattr(torch, cfg.dtype))
@@ -109,7 +110,8 @@ def load_base(cfg: ModelConfig, corpus_texts: Iterable[str]) -> tuple[PreTrained
         model = model.to(getattr(torch, cfg.dtype))
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-        model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=getattr(torch, cfg.dtype))
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=getattr(torch, cfg.dtype))
     if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         if tokenizer.eos_token is None:
             raise ValueError(f"model.base: tokenizer of {cfg.base!r} has neither pad nor eos token")
@@ -133,11 +135,12 @@ def load_gguf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         raise FileNotFoundError(f"model.base: GGUF file not found: {path}")
     src, name = str(file.parent), file.name
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with MODEL_BUILD_LOCK:
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     return model.eval(), tokenizer

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from sidrec.config import ConfigError, EmbedConfig
 from sidrec.console import ProgressSink
+from sidrec.hf_lock import MODEL_BUILD_LOCK
 
 _FIELD = re.compile(r"\{(\w+)\}")
 
@@ -61,7 +62,8 @@ class TextEncoder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))
         device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model = SentenceTransformer(path, device=device, local_files_only=Path(path).exists())
+        with MODEL_BUILD_LOCK:
+            self.model = SentenceTransformer(path, device=device, local_files_only=Path(path).exists())
         self.model.max_seq_length = cfg.max_tokens
         self.dim = self.model.get_embedding_dimension()
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sidrec.config import TrainConfig
+from sidrec.hf_lock import MODEL_BUILD_LOCK
 from sidrec.llm.train.data import sid_token_ids
 from sidrec.llm.train.ds_config import zero_stage
 from sidrec.llm.train.loss import SidLevels
@@ -108,7 +109,8 @@ def load_model(weights_dir: str, tokenizer: PreTrainedTokenizerBase, tcfg: Train
 
     fp32 everywhere: fp32 compute on CPU, bf16 autocast (DDP) / bf16 engine (DeepSpeed) on GPU.
     """
-    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+    with MODEL_BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise RuntimeError(f"base model has {rows} embedding rows for {len(tokenizer)} tokens")

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from sidrec.config import TOP_K
 from sidrec.decode.beam import SidDecoder
 from sidrec.eval.metrics import hr_ndcg, target_ranks
+from sidrec.hf_lock import MODEL_BUILD_LOCK
 from sidrec.llm.sft import IGNORE_INDEX, collate, encode_prompt
 from sidrec.llm.train.data import batch_to
 from sidrec.llm.train.setup import WorkerEnv
@@ -89,7 +90,11 @@ def next_item_check(env: WorkerEnv, module: Any, tokenizer: PreTrainedTokenizerB
                     eval_rows: list[dict], model_dir: str) -> dict[str, Any]:
     """HR@10 / NDCG@10 of this epoch's model on ``eval_rows`` (ZeRO-3: the consolidated copy in ``model_dir``)."""
     t0 = time.perf_counter()
-    eval_model = AutoModelForCausalLM.from_pretrained(model_dir).to(env.device) if env.stage3 else module
+    if env.stage3:
+        with MODEL_BUILD_LOCK:
+            eval_model = AutoModelForCausalLM.from_pretrained(model_dir).to(env.device)
+    else:
+        eval_model = module
     with env.autocast():
         hr = next_item_metrics(eval_model, tokenizer, index, [r["prompt"] for r in eval_rows],
                                [r["target_item"] for r in eval_rows], k=TOP_K,
