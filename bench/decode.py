@@ -11,6 +11,10 @@ request, the KV cache repeated to the beams, then one step per remaining SID lev
 Reports recommendations/s, ms per request, ratios, and whether (a) and (b) return identical top-10 items.
 ``--threads`` takes several torch thread counts (one row each); ``--exclude-history`` makes (a) and (b)
 exclude each request's history items, as the served path does (the floor is the same either way).
+``--baseline REV`` adds (d): ``SidDecoder`` as ``platform/sidrec/decode/beam.py`` was at git revision REV
+(read with ``git show``; it must use SidIndex methods that still exist), over an index without dense tables
+(the CSR trie queries), timed interleaved with the others: a before/after in one run on a shared machine,
+e.g. ``--baseline 94034fc`` (the decoder before issue 13).
 "large" is a d=1024, 8-layer Qwen2 with random weights (same tokenizer and SIDs) so the model's cost
 dominates. Writes bench/results/decode.json.
 """
@@ -19,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,7 +36,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from sidrec.decode.beam import SidDecoder, left_pad
 from sidrec.decode.hf_reference import hf_reference_search
 from sidrec.recommender import Recommender
+from sidrec.sids.index import SidIndex
 from sidrec.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
@@ -73,9 +83,22 @@ def interleaved(fns: dict, reps: dict[str, int]) -> tuple[dict[str, float], dict
     return best, out
 
 
+def baseline_decoder(rev: str, model, rec: Recommender, store_root: str, beams: int):
+    """The SidDecoder of ``beam.py`` at git revision ``rev``, over a fresh index of the store with the dense
+    tables off (so its trie queries are the CSR ones it was written against)."""
+    src = subprocess.run(["git", "show", f"{rev}:platform/sidrec/decode/beam.py"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    module = sys.modules[f"beam_at_{rev}"] = types.ModuleType(f"beam_at_{rev}")  # (dataclasses look it up)
+    exec(compile(src, f"{rev}:platform/sidrec/decode/beam.py", "exec"), module.__dict__)  # noqa: S102
+    index = SidIndex.from_table(ArtifactStore(store_root).sid_table(), rec.index.codebook_size)
+    index.dense_max_entries = 0
+    return module.SidDecoder(model, rec.tokenizer, index, num_beams=beams)
+
+
 def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecoder, name: str,
-               prompts: list[list[int]], exclude: list[set[str]] | None) -> dict:
-    """One (model, threads, batch) cell: ours, the floor and (where affordable) HF, interleaved."""
+               prompts: list[list[int]], exclude: list[set[str]] | None, base=None) -> dict:
+    """One (model, threads, batch) cell: ours, the floor, the baseline decoder (``base``, if any) and
+    (where affordable) HF, interleaved."""
     bs = len(prompts)
     dec.search(prompts[:1], k=args.k)  # warm-up
     run_hf = name == "tiny" or bs <= args.hf_max_batch_large
@@ -84,10 +107,13 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
         "floor": lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id),
     }
     reps = {"ours": args.reps, "floor": args.reps}
+    if base is not None:
+        base.search(prompts[:1], k=args.k)
+        fns["baseline"], reps["baseline"] = (lambda: base.search(prompts, k=args.k, exclude=exclude)), args.reps
     if run_hf:
         fns["hf"] = lambda: hf_reference_search(model, rec.tokenizer, rec.index, prompts, k=args.k,
                                                 num_beams=args.beams, exclude=exclude)
-        reps["hf"] = 1 if name == "large" else args.reps
+        reps["hf"] = 1 if name == "large" else args.hf_reps
     best, outs = interleaved(fns, reps)
     t_ours, t_floor, t_hf = best["ours"], best["floor"], best.get("hf")
     same = None
@@ -103,6 +129,9 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
         "hf_ms_per_req": 1000 * t_hf / bs if t_hf else None,
         "speedup_vs_hf": t_hf / t_ours if t_hf else None,
         "ratio_to_floor": t_ours / t_floor, "identical_top10": same,
+        **({"baseline_ms_per_req": 1000 * best["baseline"] / bs, "baseline_ratio_to_floor": best["baseline"] / t_floor,
+            "baseline_same_top10": [[i for h in a for i in h.items] for a in outs["baseline"]] == [
+                [i for h in b for i in h.items] for b in outs["ours"]]} if base is not None else {}),
     }
 
 
@@ -114,12 +143,16 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (best is kept)")
+    ap.add_argument("--hf-reps", type=int, default=1,
+                    help="timed repetitions of the (5-15x slower) HF reference on the tiny model")
     ap.add_argument("--hf-max-batch-large", type=int, default=8,
                     help="largest batch the (slow) HF reference runs on the large model; CPU time guard")
     ap.add_argument("--threads", type=int, nargs="+", default=[1],
                     help="torch thread counts, one row each (1: steadier on a shared machine)")
     ap.add_argument("--exclude-history", action="store_true",
                     help="exclude each request's history items from its answer (as Serve does)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="also time beam.py as it was at this git revision (e.g. 94034fc), interleaved")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
 
@@ -133,11 +166,12 @@ def main() -> None:
         model = rec.model if name == "tiny" else large_model(rec.model.get_output_embeddings().weight.shape[0],
                                                               rec.tokenizer)
         dec = SidDecoder(model, rec.tokenizer, rec.index, num_beams=args.beams)
+        base = baseline_decoder(args.baseline, model, rec, args.store, args.beams) if args.baseline else None
         for threads in args.threads:
             torch.set_num_threads(threads)
             for bs in args.batches:
                 row = bench_cell(args, rec, model, dec, name, prompts_all[:bs],
-                                 excludes_all[:bs] if excludes_all is not None else None)
+                                 excludes_all[:bs] if excludes_all is not None else None, base)
                 row["threads"] = threads
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -148,9 +182,11 @@ def main() -> None:
     for r in rows:
         hf = f"{r['hf_ms_per_req']:.1f}" if r["hf_ms_per_req"] else "skipped"
         sp = f"{r['speedup_vs_hf']:.1f}x" if r["speedup_vs_hf"] else "-"
+        base = (f"  baseline {r['baseline_ms_per_req']:.1f} ms/req = {r['baseline_ratio_to_floor']:.2f}x floor, same "
+                f"top10 {r['baseline_same_top10']}" if "baseline_ms_per_req" in r else "")
         print(f"{r['model']:6} {r['params_m']:>6}M {r['threads']:>3} {r['batch']:>5} {r['sidrec_recs_per_s']:>12.1f} "
               f"{r['sidrec_ms_per_req']:>13.1f} {hf:>10} {r['floor_ms_per_req']:>12.1f} {sp:>7} "
-              f"{r['ratio_to_floor']:>6.2f}x {str(r['identical_top10']):>10}")
+              f"{r['ratio_to_floor']:>6.2f}x {str(r['identical_top10']):>10}{base}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
     print(f"\nwrote {args.out}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sidrec.config import ModelConfig
-from sidrec.decode.beam import SidDecoder, sid_token_table
+from sidrec.decode.beam import SidDecoder, as_bias, sid_token_table
 from sidrec.decode.hf_reference import hf_reference_search
 from sidrec.llm.model import add_sid_tokens, load_base
 from sidrec.llm.sft import collate, encode_prompt, format_example
@@ -126,19 +126,13 @@ class _DeadEndIndex:
     def _dead(self) -> int:
         return int(self._index.node_of(torch.tensor([[self.first]]))[0])
 
-    def child_table(self, depth, device=None):
-        table = self._index.child_table(depth, device)
-        if depth == 1 and table is not None:
-            table = table.clone()
-            table[self._dead()] = self._index.n_nodes(2)  # the sentinel: no child
-        return table
-
-    def allowed_table(self, depth, device=None):
-        table = self._index.allowed_table(depth, device)
-        if depth == 1 and table is not None:
-            table = table.clone()
-            table[self._dead()] = False
-        return table
+    def dense_tables(self, depth, device=None):
+        dense = self._index.dense_tables(depth, device)
+        if depth != 1 or dense is None:
+            return dense
+        ids, bias = dense[0].clone(), dense[1].clone()
+        ids[self._dead()], bias[self._dead()] = self._index.n_nodes(2), float("-inf")  # no child
+        return ids, bias
 
     def allowed_from_nodes(self, node_ids, depth):
         mask = self._index.allowed_from_nodes(node_ids, depth)
@@ -174,7 +168,7 @@ def test_renormalized_empty_allowed_row_is_minus_inf_not_nan(setup):
     logits = torch.randn(3, model.get_output_embeddings().weight.shape[0])
     allowed = torch.zeros(3, K, dtype=torch.bool)
     allowed[0, 2] = True
-    out = dec._level_scores(logits, 0, allowed)
+    out = dec._level_scores(logits, 0, as_bias(allowed))
     assert not torch.isnan(out).any()
     assert out[0, 2] == 0 and torch.isinf(out[1:]).all()
 

@@ -1,4 +1,4 @@
-"""The decoder's trie access: dense ``child_table`` rows agree with the CSR queries through retires, adds and
+"""The decoder's trie access: dense table rows agree with the CSR queries through retires, adds and
 compaction; the batched exclusion bans agree with a per-request brute force."""
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def _check_tables(index: SidIndex, ref: SidIndex) -> None:
     and delta (``ref``: the same index with dense tables off, so the same node ids)."""
     for part, csr in zip(_parts(index), _parts(ref), strict=True):
         for d in range(part.levels):
-            table, ok = part.child_table(d), part.allowed_table(d)
+            table, bias = part.dense_tables(d)
+            ok = bias == 0
             n, m = part.n_nodes(d), part.n_nodes(d + 1)
-            assert table.shape == ok.shape == (n + 1, part.codebook_size) and table.dtype == torch.int32
+            assert table.shape == bias.shape == (n + 1, part.codebook_size) and table.dtype == torch.int32
+            assert ((bias == 0) | (bias == float("-inf"))).all() and bias.dtype == torch.float32
             assert (table[n] == m).all() and not ok[n].any()  # the sentinel row: an absent node
             nodes = torch.arange(-1, n)
             rows = table[nodes]  # -1 reads the sentinel row
@@ -56,7 +58,7 @@ def _csr(index: SidIndex) -> SidIndex:
 
 
 @pytest.mark.parametrize(("seed", "L", "K"), [(0, 2, 4), (1, 3, 8), (2, 4, 5)])
-def test_child_table_tracks_retires_adds_and_compact(seed, L, K):
+def test_dense_tables_track_retires_adds_and_compact(seed, L, K):
     n = 60
     codes = _codes(seed, n, L, K)
     ids = [f"i{r}" for r in range(n)]
@@ -79,16 +81,16 @@ def test_child_table_tracks_retires_adds_and_compact(seed, L, K):
         np.testing.assert_array_equal(index.leaf_counts(full[:, :1]), ref.leaf_counts(full[:, :1]))
 
 
-def test_child_table_size_limit_and_bad_depth():
+def test_dense_tables_size_limit_and_bad_depth():
     index = SidIndex.build(np.array([[0, 1], [1, 0]]), ["a", "b"], codebook_size=4)
-    assert index.child_table(0).tolist() == [[0, 1, 2, 2], [2] * 4]  # 2 depth-1 nodes: 2 = absent
+    assert index.dense_tables(0)[0].tolist() == [[0, 1, 2, 2], [2] * 4]  # 2 depth-1 nodes: 2 = absent
     # every depth dense on the CPU: node_of is numpy lookups; codes outside [0, K) are absent
     assert index.node_of(torch.tensor([[1, 0], [1, 1], [5, 0], [-1, 1], [0, 4]])).tolist() == [1, -1, -1, -1, -1]
     index.dense_max_entries = 8  # root table (2 x 4) fits, depth 1 (3 x 4) does not
-    assert index.child_table(0) is not None and index.child_table(1) is None
+    assert index.dense_tables(0) is not None and index.dense_tables(1) is None
     assert index.node_of(torch.tensor([[1, 0], [1, 1], [5, 0]])).tolist() == [1, -1, -1]
     with pytest.raises(ValueError, match="depth"):
-        index.child_table(2)
+        index.dense_tables(2)
 
 
 def _brute_bans(index: SidIndex, codes_of: dict, exclude: list[set[str]]) -> list[set[tuple]]:
@@ -107,22 +109,32 @@ def _brute_bans(index: SidIndex, codes_of: dict, exclude: list[set[str]]) -> lis
     return out
 
 
-@pytest.mark.parametrize(("seed", "K"), [(0, 4), (1, 4), (2, 4), (3, 70_000)])  # 70K: rows too wide to pack
-def test_ban_tables_match_brute_force(seed, K):
+@pytest.mark.parametrize(("seed", "K", "dedup"), [(0, 4, False), (1, 4, False), (2, 4, False),
+                                                 (3, 70_000, False), (4, 4, True), (5, 8, True)])
+def test_ban_tables_match_brute_force(seed, K, dedup):
+    """70K codes: rows too wide to pack into one key; dedup: unique SIDs and no delta (the fast path)."""
     rng = np.random.default_rng(seed)
     L, n = 3, 50
     codes = _codes(seed, n, L, K)
+    if dedup:
+        codes = np.unique(codes, axis=0)
+        n = len(codes)
     ids = [f"i{r}" for r in range(n)]
     index = SidIndex.build(codes[:40], ids[:40], codebook_size=K)
-    index.add(codes[40:], ids[40:])
+    if dedup:
+        assert index.item_offsets is None
+    else:
+        index.add(codes[40:], ids[40:])
     index.remove(ids[::7])
     codes_of = {i: tuple(int(c) for c in row) for i, row in zip(index.all_item_ids(), index.codes(), strict=True)}
     present = sorted(codes_of)
     exclude = [set(rng.choice(present, size=s, replace=False).tolist()) for s in (0, 3, 20, len(present))]
     tables = ban_tables(index, codes_of, exclude, torch.device("cpu"))
     for d, (table, want) in enumerate(zip(tables, _brute_bans(index, codes_of, exclude), strict=True)):
+        if table is None:  # no ban at this level
+            assert not want, d
+            continue
         assert table.shape[0] == len(exclude) and table.shape[2] == d + 1
         got = {(r, *row) for r in range(len(exclude)) for row in table[r].tolist() if row[0] >= 0}
         assert got == want, d
-    assert [t.tolist() for t in ban_tables(index, codes_of, [set(), set()], torch.device("cpu"))] == [
-        [[[-1] * (d + 1)]] * 2 for d in range(L)]
+    assert ban_tables(index, codes_of, [set(), set()], torch.device("cpu")) == [None] * L

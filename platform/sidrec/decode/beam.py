@@ -14,12 +14,13 @@ How one batch of R requests is decoded (L = SID levels, B = beams):
    request share the prompt part of the cache.
 
 Per step the search does a fixed handful of tensor ops, whatever R and B (no per-beam Python, no host
-sync until the end), so on a small model it costs little next to the forward pass: where the index has a
-dense table for the depth (``SidIndex.child_table``: all depths of a catalog with up to ~16K SIDs, the
-first two of any catalog) one gather of the beams' rows gives both the mask (entry >= 0) and, after
-top-k, the chosen beams' next nodes (a gather at the top-k indices); deeper, larger depths use the CSR
-trie's ``allowed_from_nodes`` / ``step``. The last level's nodes are the leaves, so the hits' item rows
-need no second trie lookup.
+sync until the end), so on a small model it costs little next to the forward pass. Where the index has
+dense tables for the depth (``SidIndex.dense_tables``: every depth of a catalog with up to ~16K SIDs,
+the first two of any catalog) the mask is one row lookup per beam and the kept beams' next nodes one
+lookup each; deeper, larger depths use the CSR trie (``allowed_from_nodes`` / ``step``). Masks are
+additive (0 / -inf, added to the log-probs): on CPU a float add costs a tenth of a bool ``where``. The
+last level's nodes are the leaves, so the hits' item rows need no second trie lookup. Exclusions
+(``sidrec.decode.exclusion``) become per-request banned (prefix, code) pairs, computed for the batch at once.
 
 Scoring (``scoring``): "raw" = the model's log-probabilities over the whole vocabulary, summed over the L
 tokens (invalid tokens are masked but their mass is not redistributed); "renormalized" = log-probabilities
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from sidrec.config import NUM_BEAMS, TOP_K
-from sidrec.decode.exclusion import ban_tables, mask_banned
+from sidrec.decode.exclusion import ban_bias, ban_tables
 from sidrec.sids.index import SidIndex
 from sidrec.sids.tokens import render_sid, sid_token
 
@@ -91,14 +92,22 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+NEG_INF = float("-inf")
+
+
+def as_bias(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask -> additive mask, 0.0 where True, -inf where False (float32)."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, NEG_INF)
+
+
 class _TrieWalk:
     """The trie nodes of a batch of beams, in the main index and its delta, one depth per level.
 
-    ``allowed(depth)`` -> [N, K] valid next codes of the N beams; ``advance`` moves to the beams top-k kept.
-    Where the index has dense tables for the depth (``SidIndex.allowed_table`` / ``child_table``) that is one
-    row lookup for the mask and one lookup per kept beam for its next node, with absent nodes held as the
-    tables' sentinel (a valid row, so no -1 handling); deeper, larger depths ask the CSR trie
-    (``allowed_from_nodes`` / ``step``, absent = -1)."""
+    ``bias(depth)`` -> [N, K] additive mask of the N beams' valid next codes (0 / -inf: a float add is a
+    fast CPU op where bool masks are not); ``advance`` moves to the beams top-k kept. Where the index has
+    dense tables for the depth (``SidIndex.dense_tables``) that is one row lookup for the
+    mask and one lookup per kept beam for its next node, absent nodes held as the tables' sentinel (a valid
+    row, so no -1 handling); deeper, larger depths ask the CSR trie (``allowed_from_nodes`` / ``step``)."""
 
     def __init__(self, index: SidIndex, n: int, device: torch.device):
         self.parts = [index] if index.delta is None else [index, index.delta]
@@ -107,20 +116,20 @@ class _TrieWalk:
         self.ids: list[torch.Tensor | None] = [None] * len(self.parts)  # this depth's child table or None
         self.device = device
 
-    def allowed(self, depth: int) -> torch.Tensor:
+    def bias(self, depth: int) -> torch.Tensor:
         out = None
         for i, part in enumerate(self.parts):
-            table = part.allowed_table(depth, self.device)
-            self.ids[i] = None if table is None else part.child_table(depth, self.device)
+            dense = part.dense_tables(depth, self.device)
+            self.ids[i], table = (None, None) if dense is None else dense
             if table is not None:
                 if not self.sentinel[i]:  # from the CSR trie: -1 -> the sentinel row
                     self.nodes[i], self.sentinel[i] = self.nodes[i].remainder(table.shape[0]), True
-                ok = table.index_select(0, self.nodes[i])
+                bias = table.index_select(0, self.nodes[i])
             else:
                 if self.sentinel[i]:
                     self.nodes[i], self.sentinel[i] = self._minus1(part, depth, self.nodes[i]), False
-                ok = part.allowed_from_nodes(self.nodes[i], depth)
-            out = ok if out is None else out | ok
+                bias = as_bias(part.allowed_from_nodes(self.nodes[i], depth))
+            out = bias if out is None else torch.maximum(out, bias)
         return out
 
     def advance(self, parent: torch.Tensor, codes: torch.Tensor, depth: int) -> None:
@@ -130,7 +139,7 @@ class _TrieWalk:
             if ids is None:
                 self.nodes[i] = part.step(nodes, codes.view(-1), depth)
             else:
-                self.nodes[i] = ids.view(-1).index_select(0, nodes * ids.shape[1] + codes.view(-1))
+                self.nodes[i] = torch.take(ids, nodes * ids.shape[1] + codes.view(-1))
 
     def leaves(self) -> torch.Tensor:
         """[N, 2] long (main, delta) nodes: after the last level, the leaves (-1 where absent)."""
@@ -181,7 +190,7 @@ class SidDecoder:
         self._cols = list(self.tokens.clamp(min=0).unbind(0))
         ramp = torch.arange(self.tokens.shape[1], device=self.device)
         self._start = [int(t[0]) if bool((t == t[0] + ramp).all()) else None for t in self.tokens]
-        self._has_token = [None if bool((t >= 0).all()) else t >= 0 for t in self.tokens]
+        self._tok_bias = [None if bool((t >= 0).all()) else as_bias(t >= 0) for t in self.tokens]
         K = index.codebook_size
         self._shift = K.bit_length() - 1 if K & (K - 1) == 0 else None  # code = flat & (K-1) when K = 2**s
         index.to(self.device)
@@ -203,20 +212,23 @@ class SidDecoder:
                          cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.cache
 
-    def _level_scores(self, logits: torch.Tensor, level: int, allowed: torch.Tensor) -> torch.Tensor:
-        """logits [N, V] -> log-prob of each code at ``level`` [N, K], -inf where not allowed."""
-        has_token, start, cols = self._has_token[level], self._start[level], self._cols[level]
-        if has_token is not None:
-            allowed = allowed & has_token
+    def _level_scores(self, logits: torch.Tensor, level: int, bias: torch.Tensor,
+                      base: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [N, V] + additive mask [N, K] (0 / -inf) -> log-prob of each code at ``level`` [N, K],
+        -inf where not allowed, plus ``base`` [N, 1] (the beams' scores so far) when given."""
+        tok_bias, start, cols = self._tok_bias[level], self._start[level], self._cols[level]
+        if tok_bias is not None:  # codes without a token are never allowed
+            bias = bias + tok_bias
         if self.scoring == "raw":
             logp = torch.log_softmax(logits, dim=-1)
             codes = logp.narrow(1, start, cols.numel()) if start is not None else logp.index_select(1, cols)
-            return torch.where(allowed, codes, float("-inf"))
-        masked = torch.where(allowed, logits.index_select(1, cols), float("-inf"))
+            return codes + (bias if base is None else bias + base)
+        masked = logits.index_select(1, cols) + bias
         # renormalize over the valid codes; a row with none stays all -inf (log_softmax would give NaN)
-        any_ok = allowed.any(dim=-1, keepdim=True)
-        return torch.where(any_ok, torch.log_softmax(masked.masked_fill(~any_ok, 0.0), dim=-1),
-                           torch.full_like(masked, float("-inf")))
+        any_ok = (bias == 0).any(dim=-1, keepdim=True)
+        out = torch.where(any_ok, torch.log_softmax(masked.masked_fill(~any_ok, 0.0), dim=-1),
+                          torch.full_like(masked, NEG_INF))
+        return out if base is None else out + base
 
     # ------------------------------------------------------------------------------------ search
     @torch.no_grad()
@@ -272,20 +284,17 @@ class SidDecoder:
         for level in range(L):
             if level:
                 # dead (-inf) beams may hold a code without a token: they feed any token, their score stays -inf
-                tokens = self._cols[level - 1].index_select(0, new_code.view(-1)).view(-1, 1)  # [R*B, 1]
+                tokens = torch.take(self._cols[level - 1], new_code)                    # [R*B, 1]
                 logits, cache = self._forward(tokens, mask[:, :T + level], step_pos, cache)
                 step_pos = step_pos + 1
-            allowed = walk.allowed(level)                                          # [R*b, K]
-            if bans is not None:
-                prefix = beam_codes if level else first.new_zeros(R, 0)
-                allowed = mask_banned(allowed, prefix, bans[level], R, b)
-            cand = self._level_scores(logits, level, allowed)                      # [R*b, K]
-            if level:
-                cand = cand + beam_scores
+            bias = walk.bias(level)                                                # [R*b, K] 0 / -inf
+            if bans is not None and bans[level] is not None:
+                bias = ban_bias(bias, beam_codes if level else first.new_zeros(R, 0), bans[level], R, b)
+            cand = self._level_scores(logits, level, bias, beam_scores if level else None)  # [R*b, K]
             K = cand.shape[1]
             top, flat = cand.view(R, b * K).topk(min(B, b * K), dim=-1)          # [R, B]
             if top.shape[1] < B:  # fewer codes than beams (level 0 only): pad with dead beams
-                top = torch.cat([top, top.new_full((R, B - top.shape[1]), float("-inf"))], dim=1)
+                top = torch.cat([top, top.new_full((R, B - top.shape[1]), NEG_INF)], dim=1)
                 flat = torch.cat([flat, flat.new_zeros((R, B - flat.shape[1]))], dim=1)
             if self._shift is not None:  # K a power of two (the usual codebook): a shift and a mask
                 parent, new_code = ((flat >> self._shift) + first).view(-1), (flat & (K - 1)).view(-1, 1)
@@ -313,7 +322,7 @@ class SidDecoder:
         for layer in cache.layers:
             for name in ("keys", "values"):
                 generated = getattr(layer, name)[:, :, prompt_len:]               # a view [N, H, g, D]
-                generated.copy_(generated.index_select(0, parent))
+                generated.copy_(generated.contiguous().index_select(0, parent))  # (contiguous: 4x faster)
 
     def _rows(self, leaves: np.ndarray, scores: np.ndarray) -> list[list[list[int]]]:
         """Item rows of every live beam's leaf, one batched call: per request, per beam (dead beams: [])."""

@@ -16,7 +16,7 @@ import torch
 
 from sidrec.sids.index import SidIndex
 
-__all__ = ["ban_tables", "mask_banned"]
+__all__ = ["ban_bias", "ban_tables"]
 
 
 def _unique_rows(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -36,50 +36,80 @@ def _unique_rows(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, n
 
 def _fully_excluded(index: SidIndex, codes_of: Mapping[str, tuple[int, ...]],
                     exclude: Sequence[Collection[str]], bits: int) -> np.ndarray:
-    """(request, SID) rows [M, 1 + L], sorted, of the SIDs all of whose present items request r excludes."""
+    """(request, SID) rows [M, 1 + L], distinct, of the SIDs all of whose present items request r excludes."""
     L = index.levels
     pairs = [(r, *codes_of[item]) for r, ex in enumerate(exclude) for item in {str(i) for i in ex}]
     if not pairs:
         return np.zeros((0, 1 + L), dtype=np.int64)
+    if index.item_offsets is None and index.delta is None:  # a SID holds one item: every pair qualifies
+        return np.asarray(pairs, dtype=np.int64)
     uniq, _, _, n_excluded = _unique_rows(np.asarray(pairs, dtype=np.int64), bits)
     sids, _, which, _ = _unique_rows(uniq[:, 1:], bits)
     n_present = np.array([len(rows) for rows in index.rows_of_many(sids)], dtype=np.int64)
     return uniq[n_excluded >= n_present[which]]
 
 
+def _sort_rows(rows: np.ndarray, bits: int) -> np.ndarray:
+    """rows [M, w] sorted lexicographically (a packed int64 key when the fields fit in 62 bits)."""
+    if rows.shape[1] * bits > 62:
+        return rows[np.lexsort(rows.T[::-1])]
+    key = np.zeros(rows.shape[0], dtype=np.int64)
+    for col in range(rows.shape[1]):
+        key = (key << bits) | rows[:, col]
+    return rows[np.argsort(key)]
+
+
 def ban_tables(index: SidIndex, codes_of: Mapping[str, tuple[int, ...]], exclude: Sequence[Collection[str]],
-               device: torch.device) -> list[torch.Tensor]:
+               device: torch.device) -> list[torch.Tensor | None]:
     """Per level l, [R, E, l+1] long: the (prefix, code) pairs of request r whose whole subtree is excluded,
-    -1-padded (E >= 1). ``codes_of`` maps every present item id to its SID (ids must be present)."""
+    -1-padded (E >= 1), or None where no request bans anything at that level. ``codes_of`` maps every
+    present item id to its SID (ids must be present).
+
+    The fully excluded (request, SID) rows are sorted once; every prefix length then groups them by a
+    running "prefix changed" flag, and a group is banned when it holds all the live SIDs below its prefix
+    (``leaf_counts``) and no shorter prefix of it is banned already."""
     L, R = index.levels, len(exclude)
     bits = max(1, int(index.codebook_size - 1).bit_length(), int(R - 1).bit_length())
     full = _fully_excluded(index, codes_of, exclude, bits)
-    banned = np.zeros(full.shape[0], dtype=bool)   # a shorter prefix of this row's SID is banned already
-    out = []
+    M = full.shape[0]
+    if not M:
+        return [None] * L
+    full = _sort_rows(full, bits)
+    new = np.ones(M, dtype=bool)                   # row starts a new (request, prefix) group
+    new[1:] = full[1:, 0] != full[:-1, 0]
+    banned = np.zeros(M, dtype=bool)               # a shorter prefix of this row's SID is banned already
+    out: list[torch.Tensor | None] = []
     for d in range(1, L + 1):
-        if full.shape[0]:
-            pre, first, inv, count = _unique_rows(full[:, :1 + d], bits)
-            new = (count == index.leaf_counts(pre[:, 1:])) & ~banned[first]
-            banned |= new[inv]
-            rows = pre[new]                        # sorted by request
+        new[1:] |= full[1:, d] != full[:-1, d]
+        starts = np.flatnonzero(new)
+        count = np.diff(np.append(starts, M))
+        pre = full[starts, :1 + d]
+        if d == L and index.delta is None:  # a present SID is one live leaf: the group is all of it
+            ok = ~banned[starts]
         else:
-            rows = full[:, :1 + d]
+            ok = (count == index.leaf_counts(pre[:, 1:])) & ~banned[starts]
+        banned |= np.repeat(ok, count)
+        rows = pre[ok]                             # sorted by request
+        if not rows.shape[0]:
+            out.append(None)
+            continue
         req = rows[:, 0]
         slot = np.arange(req.size) - np.searchsorted(req, req)  # position within its request
-        table = np.full((R, max(1, int(slot.max(initial=0)) + 1), d), -1, dtype=np.int64)
+        table = np.full((R, int(slot.max()) + 1, d), -1, dtype=np.int64)
         table[req, slot] = rows[:, 1:]
         out.append(torch.from_numpy(table).to(device))
     return out
 
 
-def mask_banned(allowed: torch.Tensor, prefix: torch.Tensor, ban: torch.Tensor, R: int, B: int) -> torch.Tensor:
-    """allowed [R*B, K] & not banned: ``ban`` [R, E, l+1] holds (prefix of length l, code) rows of each
-    request (-1 = padding); ``prefix`` [R*B, l] is every beam's codes so far."""
+def ban_bias(bias: torch.Tensor, prefix: torch.Tensor, ban: torch.Tensor, R: int, B: int) -> torch.Tensor:
+    """An additive mask [R*B, K] (0 / -inf, or any scores) with the banned codes set to -inf: ``ban``
+    [R, E, l+1] holds (prefix of length l, code) rows of each request (-1 = padding); ``prefix`` [R*B, l] is
+    every beam's codes so far."""
     E, l1 = ban.shape[1], ban.shape[2]
     pre = prefix.view(R, B, 1, l1 - 1)
     hit = (pre == ban[:, None, :, :l1 - 1]).all(-1) & (ban[:, None, :, 0] >= 0)     # [R, B, E]
     code = ban[:, None, :, l1 - 1].expand(R, B, E)
-    K = allowed.shape[1]
-    block = torch.zeros(R, B, K + 1, dtype=torch.bool, device=allowed.device)
-    block.scatter_(2, torch.where(hit, code, K), True)
-    return allowed & ~block[..., :K].reshape(R * B, K)
+    K = bias.shape[1]
+    block = torch.zeros(R, B, K + 1, dtype=bias.dtype, device=bias.device)
+    block.scatter_(2, torch.where(hit, code, K), float("-inf"))  # column K: the trash of non-hits
+    return bias + block[..., :K].reshape(R * B, K)

@@ -9,8 +9,8 @@ depth d, numbered in sorted order; per depth the index keeps ``offsets[d]`` (eac
 Queries run on torch tensors, batched, without Python loops over beams and without host syncs (so they work
 on CUDA and inside captured graphs): a node lookup is a fixed-iteration binary search inside each beam's
 child segment (a segmented ``searchsorted``), and ``allowed`` gathers up to K children per beam and
-scatters them into a [B, K] mask. Depths with few nodes also have a dense table (``child_table``, built on
-first use per device, rebuilt after a retire): one gather gives a beam's allowed codes and child nodes.
+scatters them into a [B, K] mask. Depths with few nodes also have dense tables (``dense_tables``, built
+on first use per device, rebuilt after a retire): one row lookup gives a beam's allowed codes and children.
 
 Cold-start items go to a small *delta* index (itself a SidIndex, rebuilt on each ``add`` — cheap while it
 is small) that every query consults together with the main one; ``compact()`` merges it into the main index.
@@ -36,7 +36,7 @@ import torch
 
 from sidrec.config import CODEBOOK_SIZE
 from sidrec.sids.trie_arrays import Liveness, build_arrays, check_codes, leaf_range, row_codes
-from sidrec.sids.trie_tables import child_table, segment_mask, segment_search, walk_tables
+from sidrec.sids.trie_tables import dense_pair, segment_mask, segment_search, walk_tables
 
 __all__ = ["SidIndex", "token_mask"]
 
@@ -50,7 +50,7 @@ def _to_torch(a: np.ndarray, device: torch.device) -> torch.Tensor:
 class SidIndex:
     """Level-wise CSR trie over Semantic IDs; see the module docstring. Build with ``SidIndex.build``."""
 
-    dense_max_entries = 1 << 22  # cells of the largest dense ``child_table`` (16 MiB of int32)
+    dense_max_entries = 1 << 22  # cells of the largest ``dense_tables`` pair (32 MiB: int32 + float32)
 
     def __init__(self, levels: int, codebook_size: int, offsets: list[np.ndarray],
                  child_codes: list[np.ndarray], item_offsets: np.ndarray | None, item_rows: np.ndarray,
@@ -213,20 +213,14 @@ class SidIndex:
         alive = None if t["alive"] is None else t["alive"][depth]
         return segment_mask(t["offsets"][depth], t["child"][depth], alive, node_ids, t["arange"])
 
-    def child_table(self, depth: int, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """Depth-``depth`` nodes as a dense [n_d + 1, K] int32 table of child ids, absent = n_{d+1} (the
-        sentinel form of ``sidrec.sids.trie_tables``), or None above ``dense_max_entries``. Main only."""
+    def dense_tables(self, depth: int, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Depth ``depth`` as dense [n_d + 1, K] tables (``sidrec.sids.trie_tables``): int32 child ids, absent
+        = n_{d+1}, and a float32 additive mask, 0 where a child exists, -inf where not (``allowed_from_nodes``
+        of every node; bool masks are slow CPU ops). None above ``dense_max_entries``. Main index only."""
         if not 0 <= depth < self.levels:
             raise ValueError(f"depth must be in [0, {self.levels}), got {depth}")
-        dense = self._dense(depth, self._t(device))
-        return None if dense is None else dense[0]
-
-    def allowed_table(self, depth: int, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """[n_d + 1, K] bool: ``child_table(depth) < n_{d+1}``, i.e. ``allowed_from_nodes`` of every node."""
-        if not 0 <= depth < self.levels:
-            raise ValueError(f"depth must be in [0, {self.levels}), got {depth}")
-        dense = self._dense(depth, self._t(device))
-        return None if dense is None else dense[1]
+        return self._dense(depth, self._t(device))
 
     def _dense(self, depth: int, t: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         if (self.n_nodes(depth) + 1) * self.codebook_size > self.dense_max_entries:
@@ -235,9 +229,8 @@ class SidIndex:
         hit = tables.get(depth)
         if hit is None or hit[0] is not alive:  # a retire replaces t["alive"]: the table is stale
             mask = None if self._live is None else self._live.alive[depth]
-            ids = torch.from_numpy(child_table(self.offsets[depth], self.child_codes[depth], mask,
-                                               self.codebook_size)).to(t["arange"].device)
-            hit = tables[depth] = (alive, (ids, ids < self.n_nodes(depth + 1)))
+            pair = dense_pair(self.offsets[depth], self.child_codes[depth], mask, self.codebook_size, t["arange"].device)
+            hit = tables[depth] = (alive, pair)
         return hit[1]
 
     # main + delta ------------------------------------------------------------
@@ -309,9 +302,13 @@ class SidIndex:
 
     def rows_of_state(self, state: np.ndarray) -> list[list[int]]:
         """Leaf states [M, 2] (main, delta leaf; -1 = absent) -> each one's present rows, as ``rows_of_many``."""
+        state = np.asarray(state, dtype=np.int64).reshape(-1, 2)
+        if self.delta is None and self._live is None and self.item_offsets is None and self.item_rows.size:
+            rows = self.item_rows[np.maximum(state[:, 0], 0)].tolist()  # one row per leaf
+            return [[r] if leaf >= 0 else [] for leaf, r in zip(state[:, 0].tolist(), rows, strict=True)]
         parts = list(zip([self, self.delta], [0, self.n_main_rows], strict=True))[:1 + (self.delta is not None)]
         return [sorted(n + int(r) for (part, n), leaf in zip(parts, s, strict=False) if leaf >= 0
-                       for r in part._leaf_rows(leaf)) for s in np.asarray(state, dtype=np.int64).tolist()]
+                       for r in part._leaf_rows(leaf)) for s in state.tolist()]
 
     def live_rows(self) -> np.ndarray:
         """Rows of the present items, ascending (main then delta) [n_items] int64."""

@@ -1,15 +1,15 @@
 """The kernels of ``SidIndex``'s node lookups: a segmented binary search in the CSR trie, and dense
 transition tables of the depths with few nodes (the dense levels of STATIC, arXiv 2602.22647), which
-``SidIndex.child_table`` / ``allowed_table`` cache as tensors per device.
+``SidIndex.dense_tables`` caches as tensors per device.
 
 The CSR trie of ``sidrec.sids.trie_arrays`` answers "which codes may follow node i" with a gather of node i's
 child segment and "which node is child (i, k)" with a binary search in it: a dozen small tensor ops per
-beam step. Where a depth has few nodes, two tables answer both with one row lookup each: ``allowed[i]`` is
-node i's [K] mask of valid codes and ``table[i, k]`` the node reached by code k. Absent nodes are not -1
+beam step. Where a depth has few nodes, two tables answer both with one row lookup each: ``bias[i]`` is
+node i's [K] additive mask of valid codes (0 / -inf) and ``table[i, k]`` the node reached by code k. Absent nodes are not -1
 but the *sentinel* n (the depth's node count): the last row of each table, all False / all sentinel of the
 next depth. So a node id always indexes the next table (``index_select`` needs no negative index), and a
 walk down the trie stays in range without a branch; ``node < n`` says whether it exists.
-Size: (nodes + 1) x K x 5 bytes, e.g. 320 KiB at depth 1 (256 nodes, K = 256), 5 MiB for 4K nodes.
+Size: (nodes + 1) x K x 8 bytes, e.g. 514 KiB at depth 1 (256 nodes, K = 256), 8 MiB for 4K nodes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["child_table", "segment_mask", "segment_search", "walk_tables"]
+__all__ = ["child_table", "dense_pair", "segment_mask", "segment_search", "walk_tables"]
 
 
 def child_table(offsets: np.ndarray, child_codes: np.ndarray, alive: np.ndarray | None,
@@ -34,6 +34,14 @@ def child_table(offsets: np.ndarray, child_codes: np.ndarray, alive: np.ndarray 
         parent, ids = parent[alive], ids[alive]
     table[parent, child_codes[ids].astype(np.int64)] = ids
     return table
+
+
+def dense_pair(offsets: np.ndarray, child_codes: np.ndarray, alive: np.ndarray | None, codebook_size: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``child_table`` as a tensor on ``device``, and its additive mask [n + 1, K] float32: 0 where a child
+    exists, -inf where not (what the beam search adds to the log-probs)."""
+    ids = torch.from_numpy(child_table(offsets, child_codes, alive, codebook_size)).to(device)
+    return ids, torch.where(ids < child_codes.size, 0.0, float("-inf")).float()
 
 
 def segment_search(offsets: torch.Tensor, child: torch.Tensor, alive: torch.Tensor | None, nodes: torch.Tensor,
