@@ -144,12 +144,17 @@ class NewItemSlots:
     delta part (``add`` / a catalog add or update, until ``compact``). It is rebuilt when the index
     version changes, so a retired item, gone from the delta's live rows, is never offered.
 
+    That search scores "renormalized" whatever the main one does: each level's log-probabilities are
+    renormalized over the codes valid in the small trie, so a level where an added item's path has no
+    sibling costs nothing. The deep codes of a new item are the ones the model never saw on its path; ranked
+    this way the items go by the prefixes it did learn (on Amazon Industrial with 10% of the items held out,
+    the cold target is the first of the 354 added items for 2.2% of its 412 test examples, against 1.2%
+    with raw scores; in the top 10 for 13.8% against 8.3%).
+
     Merge, per request: when the model's own top-k already holds ``slots`` new items it is unchanged;
-    otherwise the best new items not in it replace its lowest-ranked old items, so the list holds
-    min(slots, k - 1, live new items) new items at least. The first place is never taken (a k=1 request is
-    the model's own answer). Under raw scoring both searches give an SID the same log-probability, so the
-    merged list is ordered by score (a new item the full search pruned early can rank above old ones);
-    renormalized scores of the small trie are not comparable, so there the new items take the last places."""
+    otherwise the best new items not in it replace its lowest-ranked old items and take the last places (the
+    two searches' scores are not comparable), so the list holds min(slots, k - 1, live new items) new items
+    at least. The first place is never taken (a k=1 request is the model's own answer)."""
 
     def __init__(self, decoder: SidDecoder):
         self.main = decoder
@@ -169,7 +174,7 @@ class NewItemSlots:
             ids = [str(index.item_of_row(index.n_main_rows + int(r))) for r in rows.tolist()]
             added = SidIndex.build(delta.codes(), ids, index.codebook_size)  # codes(): live rows, in row order
             self._decoder = SidDecoder(self.main.model, self.main.tokenizer, added, self.main.num_beams,
-                                       self.main.scoring)
+                                       "renormalized")
             self.ids = frozenset(ids)
         self._version = index.version
         return self._decoder
@@ -188,14 +193,13 @@ class NewItemSlots:
         extra = decoder.search([prompts[r] for r in need], k=min(slots, decoder.num_beams), exclude=ex)
         out = list(hits)
         for r, more in zip(need, extra, strict=True):
-            out[r] = merge_new(hits[r], more, k, slots, self.ids, by_score=self.main.scoring == "raw")
+            out[r] = merge_new(hits[r], more, k, slots, self.ids)
         return out
 
 
-def merge_new(main: list[Hit], extra: list[Hit], k: int, slots: int, new_ids: AbstractSet[str],
-              by_score: bool) -> list[Hit]:
+def merge_new(main: list[Hit], extra: list[Hit], k: int, slots: int, new_ids: AbstractSet[str]) -> list[Hit]:
     """One request's top-k ``main`` with up to ``slots`` new items in all: the best of ``extra`` not shown
-    yet replace the lowest-ranked items of ``main`` that are not new (see ``NewItemSlots``)."""
+    yet replace the lowest-ranked items of ``main`` that are not new, after the kept ones (``NewItemSlots``)."""
     shown = {i for h in main for i in h.items}
     want = slots - sum(i in new_ids for i in shown)
     fresh: list[Hit] = []
@@ -215,8 +219,7 @@ def merge_new(main: list[Hit], extra: list[Hit], k: int, slots: int, new_ids: Ab
                 budget -= i not in new_ids
         if items:
             kept.append(h if len(items) == len(h.items) else Hit(h.sid, h.codes, h.score, items))
-    merged = kept + fresh
-    return sorted(merged, key=lambda h: -h.score) if by_score else merged
+    return kept + fresh
 
 
 def sid_map(sids: pa.Table) -> dict[str, str]:
