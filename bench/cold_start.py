@@ -36,6 +36,7 @@ METRICS = ("hr@1", "hr@5", "ndcg@5", "hr@10", "ndcg@10")
 ORDER = (SID_LLM, "content", "sasrec", "most-popular")
 LABELS = {SID_LLM: "SID-LLM (held-out run)", "content": "content (MiniLM cosine)", "sasrec": "SASRec (ours)",
           "most-popular": "most-popular"}
+REFERENCE = "sid-llm without hold-out"  # the --full run's row in the warm slice
 WARM_SHARE = 0.95  # the "within 5% of the run without hold-out"
 
 
@@ -83,7 +84,7 @@ def collect(cold_root: str, full_root: str | None, split: str = "test") -> dict[
                              f"predictions (first: {missing[0]}); the two runs must share the dataset and split")
         rows = np.array([pos[k] for k in warm_keys], dtype=np.int64)
         table["full_store"], table["full_command"] = full_root, full_report.get("command")
-        table["slices"][WARM]["sid-llm without hold-out"] = slice_metrics(full, SID_LLM, rows)
+        table["slices"][WARM][REFERENCE] = slice_metrics(full, SID_LLM, rows)
     table["checks"] = checks(table)
     return table
 
@@ -94,7 +95,7 @@ def checks(table: dict[str, Any]) -> dict[str, Any]:
     if "content" in cold:
         for m in ("hr@10", "ndcg@10"):
             out[f"cold {m} sid-llm >= content"] = cold[SID_LLM][m] >= cold["content"][m]
-    ref = warm.get("sid-llm without hold-out")
+    ref = warm.get(REFERENCE)
     if ref:
         for m in ("hr@10", "ndcg@10"):
             share = warm[SID_LLM][m] / ref[m] if ref[m] else float("nan")
@@ -111,7 +112,8 @@ def markdown(table: dict[str, Any]) -> str:
         for model, vals in sl.items():
             if model == "examples":
                 continue
-            label = LABELS.get(model, f"SID-LLM without hold-out (same {sl['examples']} examples)")
+            label = (f"SID-LLM without hold-out (same {sl['examples']} examples)" if model == REFERENCE
+                     else LABELS.get(model, model))
             lines.append(f"| {name} ({sl['examples']}) | {label} | " + " | ".join(f"{vals[m]:.4f}" for m in METRICS) + " |")
     lines += ["", *(f"- {k}: {v}" for k, v in table["checks"].items())]
     return "\n".join(lines)
