@@ -2,13 +2,17 @@
 without @serve.batch, failed requests when one of two replicas is killed mid-load, and the ratio of the
 served throughput to the offline decoder's at the batch size Serve formed.
 
-    python bench/serve_load.py --store artifacts/quickstart            # ~4 min on 2 CPUs
+    python bench/serve_load.py --store artifacts/quickstart            # ~9 min on 2 CPUs (both planes)
     python bench/serve_load.py --store /tmp/qs --clients 8 --seconds 5 --offline-seconds 3
 
-Three applications are deployed side by side on one local Ray (5 logical CPUs so that all of them fit;
-only one is under load at a time, the others sit idle):
+Each Serve data plane of ``--planes`` (``sidrec.cluster.SERVE_PLANES``: ``throughput``, Ray's HAProxy + direct
+ingress + gRPC mode, sidrec's default; ``proxy``, Serve's Python proxy actor) gets a local Ray of its own, in a
+child process of this script started with that plane's environment, one plane after the other. On each, three
+applications are deployed side by side (6 logical CPUs so that all of them fit; only one is under load at a
+time, the others sit idle):
 
 * ``batched``:  1 Recommender replica (1 CPU), ``max_batch_size`` 16;
+* ``percall``:  the same, with the ingress's coalescing off (``coalesce_in_flight=0``: one call per request);
 * ``single``:   1 Recommender replica (1 CPU), ``max_batch_size`` 1 (no batching);
 * ``kill``:     2 Recommender replicas (0.5 CPU each), batched; one replica is ``ray.kill``-ed a third of
   the way into its run (found among the named actors of the ``serve`` namespace); the ingress re-sends a
@@ -25,8 +29,8 @@ torch threads of one replica, on requests drawn the same way, in batches of the 
 mean batch size (floor and ceil, a batch's time interpolated between them), ``--offline-seconds`` each. ``served / offline`` = a run's requests/s over the offline
 requests/s at its batch size: 1.0 would mean Serve (proxy, ingress, handle call, batching wait, the load
 generator on the same cores) costs nothing on top of the decoder. The load generator shares the
-machine's cores with the replicas, so served numbers are lower bounds. Prints a table and writes JSON to
-``bench/results/serve_load.json``.
+machine's cores with the replicas, so served numbers are lower bounds. Every plane is divided by the same
+offline measurement. Prints a table and writes JSON to ``bench/results/serve_load.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import math
 import os
 import random
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,7 +114,27 @@ async def run_load(url: str, items: list[str], clients: int, seconds: float, see
     n_err = sum(errors.values())
     return {"ok": len(lat), "errors": n_err, "error_kinds": errors, "seconds": round(wall, 2),
             "rps": round(len(lat) / wall, 2), "p50_ms": round(1000 * percentile(lat, 50), 1),
-            "p99_ms": round(1000 * percentile(lat, 99), 1), **({"kill": extra} if extra else {})}
+            "p99_ms": round(1000 * percentile(lat, 99), 1), "latencies": lat, **({"kill": extra} if extra else {})}
+
+
+def merge_rounds(parts: list[dict]) -> dict:
+    """One run from its rounds: counts and seconds added, latencies pooled, CPU weighted by requests."""
+    lat = [x for p in parts for x in p.pop("latencies")]
+    ok, secs = sum(p["ok"] for p in parts), sum(p["seconds"] for p in parts)
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["error_kinds"].items():
+            errors[k] = errors.get(k, 0) + v
+    cpu = {g: round(sum(p["cpu_ms_per_request"][g] * p["ok"] for p in parts) / max(1, ok), 2) for g in CPU_GROUPS}
+    batches, requests = sum(p["batches"] for p in parts), sum(p["batch_requests"] for p in parts)
+    out = {**parts[-1], "ok": ok, "errors": sum(p["errors"] for p in parts), "error_kinds": errors,
+           "seconds": round(secs, 2), "rps": round(ok / secs, 2), "rounds": len(parts),
+           "rps_per_round": [p["rps"] for p in parts],
+           "p50_ms": round(1000 * percentile(lat, 50), 1), "p99_ms": round(1000 * percentile(lat, 99), 1),
+           "cpu_ms_per_request": cpu}
+    if batches > 0.5:
+        out["mean_batch_size"] = round(requests / batches, 2)
+    return out
 
 
 def replica_actor_names(app: str, deployment: str = "Recommender") -> list[str]:
@@ -145,6 +171,57 @@ def kill_one_replica(app: str, after_s: float, recover_timeout_s: float):
                 "replacement_running_after_s": recovered}
 
     return run
+
+
+CPU_GROUPS = ("recommender", "ingress", "http proxy", "controller", "load generator", "ray core", "other")
+
+
+def cpu_group(proc, app: str) -> str | None:
+    """Which part of the served path a process is (None: not Serve's, not Ray's, not this bench's)."""
+    if proc.pid == os.getpid():
+        return "load generator"
+    try:
+        text = " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # gone, or not ours to read
+        return None
+    if f"ServeReplica:{app}:Recommender" in text:
+        return "recommender"
+    if f"ServeReplica:{app}:Ingress" in text:
+        return "ingress"
+    if "haproxy" in text or "ProxyActor" in text:
+        return "http proxy"
+    if "ServeController" in text:
+        return "controller"
+    if any(k in text for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env")):
+        return "ray core"
+    if "ray::" in text or "ServeReplica" in text or "default_worker" in text:
+        return "other"
+    return None
+
+
+def cpu_snapshot(app: str) -> dict[int, tuple[str, float]]:
+    """pid -> (group, user+system CPU seconds) of every process on the served path of ``app``."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter():
+        group = cpu_group(proc, app)
+        if group is None:
+            continue
+        try:
+            t = proc.cpu_times()
+        except Exception:
+            continue
+        out[proc.pid] = (group, t.user + t.system)
+    return out
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """CPU milliseconds per answered request, by group, between two snapshots (new processes count from 0)."""
+    spent = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (group, t) in after.items():
+        spent[group] += t - before.get(pid, (group, 0.0))[1]
+    return {g: round(1000 * v / max(1, requests), 2) for g, v in spent.items()}
 
 
 def batch_counts(health: dict, fallback_requests: int) -> tuple[float, float]:
@@ -187,14 +264,31 @@ def offline_decoder(store: str, items: list[str], batch_sizes: set[int], threads
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
     print()
-    print(f"{args.seconds:g}s per run, POST /v1/recommend k=10, num_beams={args.num_beams}; offline decoder: "
+    print(f"{args.rounds} interleaved rounds of {args.seconds:g}s per run (kill runs: one of {args.kill_seconds:g}s), POST /v1/recommend k=10, num_beams={args.num_beams}; offline decoder: "
           f"{results['replica_threads']} torch thread(s), as a replica")
-    print("| clients | run | requests/s | p50 ms | p99 ms | ok | failed | mean batch | offline req/s at that batch "
-          "| served / offline |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| plane | clients | run | requests/s | p50 ms | p99 ms | p99/p50 | ok | failed | mean batch "
+          "| offline req/s at that batch | served / offline |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"].values():
-        print(f"| {r['clients']} | {r['label']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ok']} "
-              f"| {r['errors']} | {r['mean_batch_size']} | {r['offline_rps']:.2f} | {r['served_over_offline']:.2f} |")
+        print(f"| {r['plane']} | {r['clients']} | {r['label']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+              f"| {r['p99_ms'] / r['p50_ms']:.2f} | {r['ok']} | {r['errors']} | {r['mean_batch_size']} "
+              f"| {r['offline_rps']:.2f} | {r['served_over_offline']:.2f} |")
+    print("\nCPU ms per answered request, by process (user + system, all cores):")
+    print("| plane | run | " + " | ".join(CPU_GROUPS) + " | total |")
+    print("|---|---|" + "---:|" * (len(CPU_GROUPS) + 1))
+    for key, r in results["runs"].items():
+        cpu = r["cpu_ms_per_request"]
+        print(f"| {r['plane']} | {key.split('/', 1)[1]} | " + " | ".join(f"{cpu[g]:.1f}" for g in CPU_GROUPS)
+              + f" | {sum(cpu.values()):.1f} |")
+    print(f"offline decoder: {1000 / results['offline']['1']['rps']:.1f} ms per request at batch 1"
+          if "1" in results["offline"] else "")
+    planes = results["planes"]
+    if len(planes) == 2:
+        a, b = planes
+        print(f"\nrequests/s, {a} / {b}, same run and clients:")
+        for key, r in results["runs"].items():
+            if r["plane"] == a and (other := results["runs"].get(key.replace(f"{a}/", f"{b}/", 1))):
+                print(f"  {key.split('/', 1)[1]:12s} {r['rps'] / other['rps']:.2f}x")
     for name, r in results["runs"].items():
         if r.get("kill"):
             kill = r["kill"]
@@ -208,8 +302,11 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int, object
     runs: list[tuple[str, str, str, int, object]] = []
     for c in args.clients:
         runs.append((f"batched@{c}", "batched", f"@serve.batch max_batch_size={args.max_batch_size}", c, None))
+        runs.append((f"percall@{c}", "percall", "same, no ingress coalescing (one call per request)", c, None))
+        for v in args.extra_coalesce:
+            runs.append((f"coalesce{v}@{c}", f"coalesce{v}", f"same, coalesce_in_flight={v}", c, None))
         runs.append((f"single@{c}", "single", "no batching (max_batch_size=1)", c, None))
-    kc, third = args.kill_clients, args.seconds / 3
+    kc, third = args.kill_clients, args.kill_seconds / 3
     runs.append((f"kill@{kc}", "kill", f"2 replicas, batched, one killed at t={third:.0f}s", kc,
                  kill_one_replica("kill", third, recover_timeout_s=90)))
     if args.kill_without_retries:
@@ -225,21 +322,30 @@ def run_all(url: str, items: list[str], apps: list[str], args: argparse.Namespac
     for name in apps:  # warm-up (first batch, tokenizer caches)
         httpx.post(f"{url}/{name}/v1/recommend", json={"history": items[:3], "k": 10}, timeout=120)
         sent[name] += 1
-    runs = {}
-    for n, (key, app, label, clients, during) in enumerate(plan_runs(args)):
+    plan = plan_runs(args)
+    steady = [r for r in plan if r[4] is None]  # interleaved over the rounds: drift hits every app alike
+    order = [r for _ in range(args.rounds) for r in steady] + [r for r in plan if r[4] is not None]
+    parts: dict[str, list[dict]] = {}
+    for n, (key, app, label, clients, during) in enumerate(order):
         before = batch_counts(httpx.get(f"{url}/{app}/healthz", timeout=60).json(), sent[app])
-        out = asyncio.run(run_load(f"{url}/{app}", items, clients, args.seconds, seed=n, during=during))
+        cpu0 = cpu_snapshot(app)
+        seconds = args.seconds if during is None else args.kill_seconds
+        out = asyncio.run(run_load(f"{url}/{app}", items, clients, seconds, seed=n, during=during))
+        out["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_snapshot(app), out["ok"])
         sent[app] += out["ok"]
         health = httpx.get(f"{url}/{app}/healthz", timeout=60).json()
         after = batch_counts(health, sent[app])
-        batches, requests = after[0] - before[0], after[1] - before[1]
+        out["batches"], out["batch_requests"] = after[0] - before[0], after[1] - before[1]
         # a killed replica takes its counters along: the survivor's cumulative mean is the best left
-        out["mean_batch_size"] = (round(requests / batches, 2) if batches > 0.5 and during is None
+        out["mean_batch_size"] = (round(out["batch_requests"] / out["batches"], 2)
+                                  if out["batches"] > 0.5 and during is None
                                   else (health.get("mean_batch_size") or {}).get("recommend"))
+        if during is not None:
+            out["batches"] = out["batch_requests"] = 0
         out.update(label=label, clients=clients, app=app)
-        runs[key] = out
-        print(f"{key:12s} {out}", flush=True)
-    return runs
+        parts.setdefault(key, []).append(out)
+        print(f"{key:12s} {({k: v for k, v in out.items() if k != 'latencies'})}", flush=True)
+    return {key: merge_rounds(p) for key, p in parts.items()}
 
 
 def offline_at(offline: dict[int, dict], mean: float) -> float:
@@ -270,7 +376,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32],
                    help="concurrent clients, one batched and one unbatched run per value")
     p.add_argument("--kill-clients", type=int, default=8, help="concurrent clients of the kill run(s)")
-    p.add_argument("--seconds", type=float, default=20.0, help="per run")
+    p.add_argument("--seconds", type=float, default=10.0, help="per run and round")
+    p.add_argument("--kill-seconds", type=float, default=20.0, help="length of a kill run")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the steady runs, interleaved (kill runs: one)")
     p.add_argument("--offline-seconds", type=float, default=10.0, help="offline decoding per batch size")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--num-beams", type=int, default=20)
@@ -278,10 +386,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch threads per replica (default: its CPUs rounded up, as Serve does)")
     p.add_argument("--kill-without-retries", action="store_true",
                    help="also run the kill with the ingress's retries off (2 more replicas, one more run)")
+    p.add_argument("--extra-coalesce", type=int, nargs="*", default=[],
+                   help="more batched apps with these coalesce_in_flight values (ServeAppConfig), side by side")
+    p.add_argument("--planes", nargs="+", default=["throughput", "proxy"], choices=["throughput", "proxy"],
+                   help="Serve data planes to measure, each on a local Ray of its own (sidrec.cluster.SERVE_PLANES)")
+    p.add_argument("--plane-child", default=None, help=argparse.SUPPRESS)  # internal: serve one plane, write runs
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
-    if min(args.clients) < 1 or args.kill_clients < 1 or not 1 <= args.seconds <= 120:
-        p.error("--clients and --kill-clients must be >= 1 and --seconds in [1, 120]")
+    if min(args.clients) < 1 or args.kill_clients < 1 or not 1 <= args.seconds <= 120 or args.rounds < 1:
+        p.error("--clients, --kill-clients and --rounds must be >= 1 and --seconds in [1, 120]")
     if args.offline_seconds <= 0 or (args.torch_threads is not None and args.torch_threads < 1):
         p.error("--offline-seconds must be > 0 and --torch-threads >= 1")
     store = args.store if "://" in args.store else os.path.abspath(args.store)
@@ -291,8 +404,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def serve_plane(args: argparse.Namespace, plane: str) -> dict:
+    """Deploy the apps on a local Ray started with ``plane``'s environment and run the load (this process
+    is the plane's child: the environment must be set before Ray starts)."""
+    from sidrec.cluster import apply_serve_plane
+
+    apply_serve_plane(plane)
     import ray
     from ray import serve
 
@@ -300,14 +417,11 @@ def main(argv: list[str] | None = None) -> int:
 
     store = args.store
     items = catalog_ids(store)
-    t_start = time.perf_counter()
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6 + len(args.extra_coalesce), include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     one_cpu, half_cpu = 1.0, 0.5
-    results: dict = {"store": store, "clients": args.clients, "kill_clients": args.kill_clients,
-                     "seconds_per_run": args.seconds, "num_beams": args.num_beams, "cpu_cores": os.cpu_count(),
-                     "replica_threads": args.torch_threads or math.ceil(one_cpu), "runs": {}}
+    out: dict = {"plane": plane}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         common = {"store_root": store, "num_beams": args.num_beams,
@@ -315,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         batched = {**common, "max_batch_size": args.max_batch_size}
         apps = {
             "batched": build_app({**batched, "num_cpus": one_cpu}),
+            "percall": build_app({**batched, "num_cpus": one_cpu, "coalesce_in_flight": 0}),
+            **{f"coalesce{v}": build_app({**batched, "num_cpus": one_cpu, "coalesce_in_flight": v})
+               for v in args.extra_coalesce},
             "single": build_app({**common, "max_batch_size": 1, "num_cpus": one_cpu}),
             "kill": build_app({**batched, "num_cpus": half_cpu, "num_replicas": 2}),
         }
@@ -322,13 +439,37 @@ def main(argv: list[str] | None = None) -> int:
             apps["kill0"] = build_app({**batched, "num_cpus": half_cpu, "num_replicas": 2, "retries": 0})
         t0 = time.perf_counter()
         serve.run_many([serve.RunTarget(a, name=name, route_prefix=f"/{name}") for name, a in apps.items()])
-        results["deploy_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"{len(apps)} apps ready in {results['deploy_seconds']}s on {os.cpu_count()} cores", flush=True)
-        results["runs"] = run_all(url, items, list(apps), args)
+        out["deploy_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[{plane}] {len(apps)} apps ready in {out['deploy_seconds']}s on {os.cpu_count()} cores", flush=True)
+        runs = run_all(url, items, list(apps), args)
+        out["runs"] = {f"{plane}/{k}": {**r, "plane": plane} for k, r in runs.items()}
     finally:
         serve.shutdown()
         ray.shutdown()
-    add_offline(results, store, items, args)  # Serve is down: the decoder has the cores to itself
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plane_child:
+        Path(args.out).write_text(json.dumps(serve_plane(args, args.plane_child)))
+        return 0
+    store = args.store
+    items = catalog_ids(store)
+    t_start = time.perf_counter()
+    results: dict = {"store": store, "planes": args.planes, "clients": args.clients,
+                     "kill_clients": args.kill_clients, "seconds_per_run": args.seconds, "rounds": args.rounds, "kill_seconds": args.kill_seconds, "num_beams": args.num_beams,
+                     "cpu_cores": os.cpu_count(), "replica_threads": args.torch_threads or 1, "deploy_seconds": {},
+                     "runs": {}}
+    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for plane in args.planes:  # one Ray per plane, in a child process started with the plane's environment
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, *child_argv, "--store", store, "--plane-child", plane, "--out", f.name]
+            subprocess.run(cmd, check=True)
+            got = json.loads(Path(f.name).read_text())
+        results["deploy_seconds"][plane] = got["deploy_seconds"]
+        results["runs"].update(got["runs"])
+    add_offline(results, store, items, args)  # no Ray running: the decoder has the cores to itself
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(results, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

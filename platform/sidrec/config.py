@@ -205,6 +205,10 @@ class RayConfig(Section):
     section: ClassVar[str] = "ray"
     address: str = opt("", "cluster address; '' starts a local Ray (or joins the job's cluster under ray job submit)")
     num_cpus: int = opt(0, "CPUs of a local Ray started by sidrec (0 = all)", ge=0)
+    serve_plane: Literal["throughput", "proxy"] = opt(
+        "throughput", "Ray Serve data plane of a local Ray started by sidrec: 'throughput' (HAProxy on the port, "
+        "HTTP straight into the ingress replica, gRPC to the Recommender: RAY_SERVE_THROUGHPUT_OPTIMIZED + "
+        "RAY_SERVE_ENABLE_HA_PROXY) or 'proxy' (Serve's Python proxy actor); a joined cluster keeps its own")
 
 
 PRESET = "tiny-qwen2"

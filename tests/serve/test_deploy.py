@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sidrec.cluster import apply_serve_plane
+
 httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,6 +171,7 @@ def test_serve_deploy_local_yaml_and_reload_under_load(trained_store, tmp_path):
     conf.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS") and k != "SIDREC_API_KEY"}
     env.update(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PYTHONUNBUFFERED="1")
+    apply_serve_plane("throughput", env)  # as the README starts a cluster: HAProxy on the port, direct ingress
     serve_cli = _cli("serve", "from ray.serve.scripts import cli; cli()")
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
     t0 = time.perf_counter()
@@ -186,11 +189,13 @@ def test_serve_deploy_local_yaml_and_reload_under_load(trained_store, tmp_path):
             r = httpx.post(f"{url}/v1/items", json=new, headers=headers, timeout=30)
             assert r.status_code == 403 and r.json()["error"] == "admin_disabled", r.text
         assert httpx.get(f"{url}/v1/items/new-1", timeout=30).status_code == 404
-        # bound to loopback only, as the YAML says
+        # bound to loopback only, as the YAML says: HAProxy's port and the ingress replica's own
         ip = _outward_ip()
+        replica_port = _ingress_replica_port()
         if ip and not ip.startswith("127."):
-            with pytest.raises(httpx.ConnectError):
-                httpx.get(f"http://{ip}:{port}/healthz", timeout=5)
+            for p in (port, replica_port):
+                with pytest.raises(httpx.ConnectError):
+                    httpx.get(f"http://{ip}:{p}/healthz", timeout=5)
         before = httpx.get(f"{url}/healthz", timeout=30).json()
         assert before["loads"] == 1
 
@@ -225,6 +230,19 @@ def test_serve_deploy_local_yaml_and_reload_under_load(trained_store, tmp_path):
         assert len(codes) >= 4 and set(codes) == {200}, codes
         print(f"serve deploy: cluster up {t_cluster:.0f}s, app answering {t_ready:.0f}s after start; "
               f"{len(codes)} requests during the reload, all 200")
+
+
+def _ingress_replica_port() -> int:
+    """The HTTP port the Ingress replica itself listens on (direct ingress, behind HAProxy)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if "ServeReplica:sidrec:Ingress" in " ".join(proc.info["cmdline"] or []):
+            ports = sorted(c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+            http = [p for p in ports if 30000 <= p < 31000]  # Serve's direct-ingress HTTP range
+            assert http, f"the Ingress replica listens on {ports}"
+            return http[0]
+    raise AssertionError("no Ingress replica process")
 
 
 def _cli(name: str, code: str) -> list[str]:

@@ -259,6 +259,13 @@ def test_client_retries_reads_and_idempotent_writes():
         assert out["status"] == 503 and "BackPressureError" in out["error"]["detail"] and busy.calls == 1
         none = _Method([RayActorError()])
         assert (await RecommenderClient(_Handle(item=none), retries=0).item("1"))["status"] == 503
+        # a coalesced group is re-sent whole; when it cannot be, every body of it gets the 503
+        many = _Method([RayActorError(), [{"items": [1]}, {"items": [2]}]])
+        client = RecommenderClient(_Handle(recommend_many=many), retries=1)
+        assert await client.recommend_many([{"k": 1}, {"k": 2}]) == [{"items": [1]}, {"items": [2]}]
+        dead = _Method([RayActorError(), RayActorError()])
+        out = await RecommenderClient(_Handle(recommend_many=dead), retries=1).recommend_many([{}, {}, {}])
+        assert len(out) == 3 and all(o["status"] == 503 for o in out) and dead.calls == 2
 
     asyncio.run(main())
 

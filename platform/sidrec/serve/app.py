@@ -113,4 +113,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         opts["ray_actor_options"] = {"num_cpus": app_cfg.num_cpus if app_cfg.num_cpus is not None else 1,
                                      "num_gpus": app_cfg.num_gpus or 0}
     rec = RecommenderDeployment.options(**opts).bind()
-    return Ingress.bind(rec, max_body_bytes=app_cfg.max_body_bytes, retries=app_cfg.retries)
+    return Ingress.bind(rec, max_body_bytes=app_cfg.max_body_bytes, retries=app_cfg.retries,
+                        coalesce_in_flight=app_cfg.coalesce_in_flight)

@@ -32,6 +32,7 @@ from sidrec.catalog.encoder import ItemEncoder
 from sidrec.catalog.session import CatalogSession
 from sidrec.config import section_from_dict
 from sidrec.recommender import Recommender
+from sidrec.serve.coalesce import Coalescer
 from sidrec.serve.handling import Reply, admin_key, check_api_key, item_info, run_recommend, run_search
 from sidrec.serve.items import ReplicaCatalog, open_session
 from sidrec.serve.schemas import error, is_error
@@ -102,6 +103,8 @@ class RecommenderDeployment:
         self._batches: dict[Task, list[int]] = {"recommend": [0, 0], "search": [0, 0]}  # [batches, requests]
         self._replica = replica_tag()
         self._catalog = ReplicaCatalog(self._model_lock, self._replica)
+        # coalesced /v1/recommend bodies: the next batch is everything that queued behind the current one
+        self._decode_queue = Coalescer(lambda reqs: self.run_batch("recommend", reqs), max_group=16, in_flight=1)
         self._batch_size = metrics.Histogram(
             "sidrec_batch_size", description="requests decoded together by one @serve.batch call",
             boundaries=BATCH_SIZE_BUCKETS, tag_keys=("task",))
@@ -126,6 +129,7 @@ class RecommenderDeployment:
         for fn in (self.recommend_batch, self.search_batch):
             fn.set_max_batch_size(settings.max_batch_size)
             fn.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._decode_queue.max_group = settings.max_batch_size
         self._note_admin_state(settings)
         try:
             versions = await asyncio.to_thread(store_versions, settings.store_root)
@@ -200,6 +204,13 @@ class RecommenderDeployment:
         out = await self.recommend_batch(request)
         return out if is_error(out) else {**out, "replica": self._replica}
 
+    async def recommend_many(self, requests: list[dict[str, Any]]) -> list[Reply]:
+        """Several /v1/recommend bodies (the ingress's coalesced call). They join the replica's decode queue:
+        whatever waits when the model is free is decoded as the next batch (at most ``max_batch_size``), with
+        no batch wait."""
+        out = await asyncio.gather(*(self._decode_queue(r) for r in requests))
+        return [o if is_error(o) else {**o, "replica": self._replica} for o in out]
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def recommend_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
         return await self.run_batch("recommend", requests)
@@ -249,8 +260,10 @@ class RecommenderDeployment:
         return await self._catalog.version()
 
     async def stop_polling(self) -> None:
-        """Stop the catalog poll task (a replica's own event loop ends it; unit use outside Serve)."""
+        """Stop the catalog poll task and the decode queue (a replica's own event loop ends them; unit use
+        outside Serve)."""
         await self._catalog.stop()
+        await self._decode_queue.close()
 
     def health(self) -> dict[str, Any]:
         """Model version and state of this replica (GET /healthz)."""

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sidrec.serve.coalesce import Coalescer
 from sidrec.serve.schemas import (
     AddItemsRequest,
     AddItemsResponse,
@@ -57,6 +58,7 @@ log = logging.getLogger("ray.serve")
 
 Reply = dict[str, Any]
 DEFAULTS = ServeAppConfig()
+COALESCE_MAX = 32  # most /v1/recommend bodies the ingress sends in one call
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (413, 422, 503)}
 # the demo page may run its own inline code and call this origin, and load nothing from anywhere else
@@ -99,6 +101,11 @@ class RecommenderClient:
 
     async def recommend(self, request: dict[str, Any]) -> Reply:
         return await self._call(lambda: self._handle.recommend.remote(request))
+
+    async def recommend_many(self, requests: list[dict[str, Any]]) -> list[Reply]:
+        """Several /v1/recommend bodies in one call (one replica decodes them together)."""
+        out = await self._call(lambda: self._handle.recommend_many.remote(requests))
+        return [out] * len(requests) if is_error(out) else out
 
     async def search(self, request: dict[str, Any]) -> Reply:
         return await self._call(lambda: self._handle.search.remote(request))
@@ -348,16 +355,40 @@ def _add_demo_routes(api: FastAPI, backend: Backend) -> None:
 
 
 # ============================================================================================ ingress
+class CoalescedRecommend:
+    """The client with ``recommend`` sent through a ``Coalescer``; every other Backend method is the client's."""
+
+    def __init__(self, client: RecommenderClient, coalescer: Coalescer):
+        self._client = client
+        self._coalescer = coalescer
+
+    async def recommend(self, request: dict[str, Any]) -> Reply:
+        return await self._coalescer(request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress()
 class Ingress:
     """HTTP front: validates bodies, calls the Recommender deployment, maps errors to 4xx/503 JSON. Each
-    replica builds its own app (``__serve_build_asgi_app__``) from its constructor arguments."""
+    replica builds its own app (``__serve_build_asgi_app__``) from its constructor arguments.
+
+    /v1/recommend bodies are coalesced without waiting: while ``coalesce_in_flight`` calls are out to the
+    Recommender, new bodies queue here and leave together in the next call (at low load each leaves alone at
+    once); the Recommender decodes a group at once, in pieces of its ``max_batch_size``. With
+    ``coalesce_in_flight=0`` every body is its own call, batched by the Recommender's ``@serve.batch``."""
 
     def __init__(self, recommender: DeploymentHandle, max_body_bytes: int = DEFAULTS.max_body_bytes,
-                 retries: int = DEFAULTS.retries):
+                 retries: int = DEFAULTS.retries, coalesce_in_flight: int = DEFAULTS.coalesce_in_flight):
         self._client = RecommenderClient(recommender, retries)
         self._max_body_bytes = max_body_bytes
+        self._coalesce_in_flight = coalesce_in_flight
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return make_api(self._client, self._max_body_bytes, HttpMetrics())
+        backend: Backend = self._client
+        if self._coalesce_in_flight:
+            backend = CoalescedRecommend(self._client, Coalescer(self._client.recommend_many, COALESCE_MAX,
+                                                                 self._coalesce_in_flight))
+        return make_api(backend, self._max_body_bytes, HttpMetrics())

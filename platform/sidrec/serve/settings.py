@@ -60,3 +60,6 @@ class ServeAppConfig(Section):
     num_gpus: float | None = opt(None, "GPUs per Recommender replica", ge=0)
     max_body_bytes: int = opt(64 * 1024, "request bodies over this size get 413", ge=1024)
     retries: int = opt(2, "re-sends of a read whose replica died mid-request", ge=0, le=5)
+    coalesce_in_flight: int = opt(4, "/v1/recommend calls the ingress keeps out to the Recommender; bodies "
+                                  "arriving meanwhile wait and leave together in one call (0 = one call each)",
+                                  ge=0, le=64)
