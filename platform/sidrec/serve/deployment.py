@@ -36,7 +36,7 @@ from sidrec.serve.coalesce import Coalescer
 from sidrec.serve.handling import Reply, admin_key, check_api_key, item_info, run_recommend, run_search
 from sidrec.serve.items import ReplicaCatalog, open_session
 from sidrec.serve.schemas import error, is_error
-from sidrec.serve.settings import ServeSettings
+from sidrec.serve.settings import MAX_BATCH_SIZE, ServeSettings
 from sidrec.serve.ui.listing import HeldOutUsers, search_titles
 from sidrec.store import MANIFEST, ArtifactStore, resolve_fs
 
@@ -104,7 +104,8 @@ class RecommenderDeployment:
         self._replica = replica_tag()
         self._catalog = ReplicaCatalog(self._model_lock, self._replica)
         # coalesced /v1/recommend bodies: the next batch is everything that queued behind the current one
-        self._decode_queue = Coalescer(lambda reqs: self.run_batch("recommend", reqs), max_group=16, in_flight=1)
+        self._decode_queue = Coalescer(lambda reqs: self.run_batch("recommend", reqs), max_group=MAX_BATCH_SIZE,
+                                       in_flight=1)
         self._batch_size = metrics.Histogram(
             "sidrec_batch_size", description="requests decoded together by one @serve.batch call",
             boundaries=BATCH_SIZE_BUCKETS, tag_keys=("task",))
@@ -211,7 +212,7 @@ class RecommenderDeployment:
         out = await asyncio.gather(*(self._decode_queue(r) for r in requests))
         return [o if is_error(o) else {**o, "replica": self._replica} for o in out]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def recommend_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
         return await self.run_batch("recommend", requests)
 
@@ -219,7 +220,7 @@ class RecommenderDeployment:
         """One /v1/items/search body -> response or error reply."""
         return await self.search_batch(request)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def search_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
         return await self.run_batch("search", requests)
 

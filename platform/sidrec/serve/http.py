@@ -44,7 +44,7 @@ from sidrec.serve.schemas import (
     error,
     is_error,
 )
-from sidrec.serve.settings import ServeAppConfig
+from sidrec.serve.settings import MAX_BATCH_SIZE, ServeAppConfig
 from sidrec.serve.ui import page_html
 from sidrec.serve.ui.listing import (
     MAX_ITEMS_PAGE,
@@ -58,7 +58,8 @@ log = logging.getLogger("ray.serve")
 
 Reply = dict[str, Any]
 DEFAULTS = ServeAppConfig()
-COALESCE_MAX = 32  # most /v1/recommend bodies the ingress sends in one call
+# most /v1/recommend bodies in one coalesced call: one replica batch, so no body waits for a second batch
+COALESCE_MAX = MAX_BATCH_SIZE
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (413, 422, 503)}
 # the demo page may run its own inline code and call this origin, and load nothing from anywhere else

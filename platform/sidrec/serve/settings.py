@@ -14,7 +14,9 @@ from typing import ClassVar, Literal
 
 from sidrec.config import NEW_ITEM_SLOTS, NUM_BEAMS, ConfigError, Section, opt
 
-__all__ = ["ServeAppConfig", "ServeSettings"]
+__all__ = ["MAX_BATCH_SIZE", "ServeAppConfig", "ServeSettings"]
+
+MAX_BATCH_SIZE = 16  # requests a replica decodes together; also the most the ingress sends in one call
 
 
 @dataclass
@@ -29,7 +31,8 @@ class ServeSettings(Section):
     api_key: str | None = opt(None, "key of the admin endpoints (X-API-Key); at least 8 characters")
     api_key_env: str | None = opt("SIDREC_API_KEY", "env var on the replicas holding the admin key when "
                                   "api_key is unset; with neither, the admin endpoints answer 403")
-    max_batch_size: int = opt(16, "most requests decoded together by @serve.batch", ge=1, le=1024)
+    max_batch_size: int = opt(MAX_BATCH_SIZE, "most requests decoded together (@serve.batch, a coalesced group)",
+                              ge=1, le=1024)
     batch_wait_timeout_s: float = opt(0.01, "longest wait for a batch to fill", ge=0, le=5)
     torch_threads: int | None = opt(None, "torch threads per replica (default: its CPUs, rounded up)", ge=1)
     reload_token: str | int | None = opt(None, "change it to force a reload of the store")
