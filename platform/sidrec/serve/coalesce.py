@@ -8,8 +8,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-Reply = Any
-
 
 class Coalescer:
     """``in_flight`` sender tasks each take the first waiting item, then every other item already waiting (at
@@ -17,7 +15,7 @@ class Coalescer:
     an item leaves alone at once (no batch wait); under load, the items that queued during a call leave
     together. ``max_group`` may be changed at any time (it applies from the next group)."""
 
-    def __init__(self, send_many: Callable[[list[Any]], Awaitable[list[Reply]]], max_group: int, in_flight: int):
+    def __init__(self, send_many: Callable[[list[Any]], Awaitable[list[Any]]], max_group: int, in_flight: int):
         if max_group < 1 or in_flight < 1:
             raise ValueError(f"Coalescer: max_group and in_flight must be >= 1, got {max_group}, {in_flight}")
         self.max_group = max_group
@@ -25,10 +23,8 @@ class Coalescer:
         self._in_flight = in_flight
         self._queue: asyncio.Queue | None = None
         self._senders: list[asyncio.Task] = []
-        self.groups = 0  # groups sent, and the items in them (for metrics and benches)
-        self.items = 0
 
-    async def __call__(self, item: Any) -> Reply:
+    async def __call__(self, item: Any) -> Any:
         if self._queue is None:  # made on first use, on the event loop that serves the calls
             self._queue = asyncio.Queue()
             self._senders = [asyncio.create_task(self._sender()) for _ in range(self._in_flight)]
@@ -42,8 +38,6 @@ class Coalescer:
             group = [await self._queue.get()]
             while len(group) < self.max_group and not self._queue.empty():
                 group.append(self._queue.get_nowait())
-            self.groups += 1
-            self.items += len(group)
             try:
                 replies = await self._send_many([item for item, _ in group])
                 if len(replies) != len(group):
