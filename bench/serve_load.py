@@ -1,19 +1,21 @@
-"""Load test of the Serve app on loopback: throughput and latency at several client counts with and
-without @serve.batch, failed requests when one of two replicas is killed mid-load, and the ratio of the
-served throughput to the offline decoder's at the batch size Serve formed.
+"""Load test of the Serve app on loopback: throughput, latency and CPU per request by process at several
+client counts, on both Serve data planes, coalesced, one call per request and unbatched; failed requests when
+one of two replicas is killed mid-load; and the ratio of the served throughput to the offline decoder's at
+the batch size Serve formed.
 
     python bench/serve_load.py --store artifacts/quickstart            # ~9 min on 2 CPUs (both planes)
     python bench/serve_load.py --store /tmp/qs --clients 8 --seconds 5 --offline-seconds 3
 
 Each Serve data plane of ``--planes`` (``sidrec.cluster.SERVE_PLANES``: ``throughput``, Ray's HAProxy + direct
 ingress + gRPC mode, sidrec's default; ``proxy``, Serve's Python proxy actor) gets a local Ray of its own, in a
-child process of this script started with that plane's environment, one plane after the other. On each, three
-applications are deployed side by side (6 logical CPUs so that all of them fit; only one is under load at a
+child process of this script started with that plane's environment, one plane after the other. On each, the
+applications below are deployed side by side (6 logical CPUs so that all of them fit; only one is under load at a
 time, the others sit idle):
 
 * ``batched``:  1 Recommender replica (1 CPU), ``max_batch_size`` 16;
 * ``percall``:  the same, with the ingress's coalescing off (``coalesce_in_flight=0``: one call per request);
-* ``single``:   1 Recommender replica (1 CPU), ``max_batch_size`` 1 (no batching);
+* ``single``:   1 Recommender replica (1 CPU), ``max_batch_size`` 1 (no batching: a coalesced group is
+  decoded one request after another);
 * ``kill``:     2 Recommender replicas (0.5 CPU each), batched; one replica is ``ray.kill``-ed a third of
   the way into its run (found among the named actors of the ``serve`` namespace); the ingress re-sends a
   read whose replica died (``retries``), and Serve starts a replacement. ``--kill-without-retries`` adds
@@ -267,7 +269,8 @@ def offline_decoder(store: str, items: list[str], batch_sizes: set[int], threads
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
     print()
-    print(f"{args.rounds} interleaved rounds of {args.seconds:g}s per run (kill runs: one of {args.kill_seconds:g}s), POST /v1/recommend k=10, num_beams={args.num_beams}; offline decoder: "
+    print(f"{args.rounds} interleaved rounds of {args.seconds:g}s per run (kill runs: one of {args.kill_seconds:g}s), "
+          f"POST /v1/recommend k=10, num_beams={args.num_beams}; offline decoder: "
           f"{results['replica_threads']} torch thread(s), as a replica")
     print("| plane | clients | run | requests/s | p50 ms | p99 ms | p99/p50 | ok | failed | mean batch "
           "| offline req/s at that batch | served / offline |")
@@ -305,8 +308,9 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int, object
     the kill run(s)."""
     runs: list[tuple[str, str, str, int, object]] = []
     for c in args.clients:
-        runs.append((f"batched@{c}", "batched", f"@serve.batch max_batch_size={args.max_batch_size}", c, None))
-        runs.append((f"percall@{c}", "percall", "same, no ingress coalescing (one call per request)", c, None))
+        runs.append((f"batched@{c}", "batched", f"coalesced (default), max_batch_size={args.max_batch_size}", c,
+                     None))
+        runs.append((f"percall@{c}", "percall", "same, one call per request, @serve.batch", c, None))
         for v in args.extra_coalesce:
             runs.append((f"coalesce{v}@{c}", f"coalesce{v}", f"same, coalesce_in_flight={v}", c, None))
         runs.append((f"single@{c}", "single", "no batching (max_batch_size=1)", c, None))
@@ -462,10 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     items = catalog_ids(store)
     t_start = time.perf_counter()
     results: dict = {"store": store, "planes": args.planes, "clients": args.clients,
-                     "kill_clients": args.kill_clients, "seconds_per_run": args.seconds, "rounds": args.rounds, "kill_seconds": args.kill_seconds, "num_beams": args.num_beams,
-                     "cpu_cores": os.cpu_count(), "replica_threads": args.torch_threads or 1, "deploy_seconds": {},
-                     "runs": {}}
-    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+                     "kill_clients": args.kill_clients, "seconds_per_run": args.seconds, "rounds": args.rounds,
+                     "kill_seconds": args.kill_seconds, "num_beams": args.num_beams, "cpu_cores": os.cpu_count(),
+                     "replica_threads": args.torch_threads or 1, "deploy_seconds": {}, "runs": {}}
+    child_argv = list(argv if argv is not None else sys.argv[1:])
     for plane in args.planes:  # one Ray per plane, in a child process started with the plane's environment
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, *child_argv, "--store", store, "--plane-child", plane, "--out", f.name]

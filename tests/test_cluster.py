@@ -7,7 +7,10 @@ from sidrec.cluster import SERVE_PLANES, apply_serve_plane
 from sidrec.config import ConfigError, load_config
 
 
-def test_throughput_plane_sets_rays_switches_and_keeps_a_users_tuning():
+def test_throughput_plane_sets_rays_switches_and_keeps_a_users_tuning(monkeypatch):
+    import sidrec.cluster as cluster
+
+    monkeypatch.setattr(cluster, "haproxy_available", lambda environ: True)
     env = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "12", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
     set_ = apply_serve_plane("throughput", env)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

@@ -22,8 +22,8 @@ SERVE_PLANES: dict[str, dict[str, str]] = {
     "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"},
 }
 # Tuning of the throughput plane on one machine (a value already in the environment wins): a stopping ingress
-# replica drains 30 s by default, for load balancers in front of many nodes; on one node HAProxy learns of
-# the change within a second, so shutdowns need not wait that long.
+# replica drains 30 s by default, for load balancers in front of many nodes; a local Ray has only its own
+# HAProxy in front, so every shutdown (the quickstart's, a test's) need not wait that long.
 SERVE_PLANE_TUNING = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
 
 

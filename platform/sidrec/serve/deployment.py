@@ -107,7 +107,7 @@ class RecommenderDeployment:
         self._decode_queue = Coalescer(lambda reqs: self.run_batch("recommend", reqs), max_group=MAX_BATCH_SIZE,
                                        in_flight=1)
         self._batch_size = metrics.Histogram(
-            "sidrec_batch_size", description="requests decoded together by one @serve.batch call",
+            "sidrec_batch_size", description="requests decoded together in one batch",
             boundaries=BATCH_SIZE_BUCKETS, tag_keys=("task",))
         self._infer_s = metrics.Histogram(
             "sidrec_inference_seconds", description="model time of one batch (beam search)",

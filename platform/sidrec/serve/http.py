@@ -94,13 +94,19 @@ class Backend(Protocol):
 # ============================================================================================ client
 class RecommenderClient:
     """Typed calls on the Recommender deployment's handle. Reads are re-sent (``retries`` times) when the
-    replica picked dies mid-request; an unavailable deployment is a 503 reply."""
+    replica picked dies mid-request (a coalesced group is re-sent whole); an unavailable deployment is a 503
+    reply."""
 
-    def __init__(self, handle: DeploymentHandle, retries: int = DEFAULTS.retries):
+    def __init__(self, handle: DeploymentHandle, retries: int = DEFAULTS.retries, coalesce_in_flight: int = 0):
         self._handle = handle
         self._retries = retries
+        # with coalesce_in_flight > 0, /v1/recommend bodies that wait together leave in one recommend_many call
+        self._group = (Coalescer(self.recommend_many, COALESCE_MAX, coalesce_in_flight)
+                       if coalesce_in_flight else None)
 
     async def recommend(self, request: dict[str, Any]) -> Reply:
+        if self._group is not None:
+            return await self._group(request)
         return await self._call(lambda: self._handle.recommend.remote(request))
 
     async def recommend_many(self, requests: list[dict[str, Any]]) -> list[Reply]:
@@ -356,20 +362,6 @@ def _add_demo_routes(api: FastAPI, backend: Backend) -> None:
 
 
 # ============================================================================================ ingress
-class CoalescedRecommend:
-    """The client with ``recommend`` sent through a ``Coalescer``; every other Backend method is the client's."""
-
-    def __init__(self, client: RecommenderClient, coalescer: Coalescer):
-        self._client = client
-        self._coalescer = coalescer
-
-    async def recommend(self, request: dict[str, Any]) -> Reply:
-        return await self._coalescer(request)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress()
 class Ingress:
@@ -378,18 +370,14 @@ class Ingress:
 
     /v1/recommend bodies are coalesced without waiting: while ``coalesce_in_flight`` calls are out to the
     Recommender, new bodies queue here and leave together in the next call (at low load each leaves alone at
-    once); the Recommender decodes a group at once, in pieces of its ``max_batch_size``. With
-    ``coalesce_in_flight=0`` every body is its own call, batched by the Recommender's ``@serve.batch``."""
+    once); a replica decodes whatever queued behind its current batch, up to its ``max_batch_size``, as the
+    next batch. With ``coalesce_in_flight=0`` every body is its own call, batched by the Recommender's
+    ``@serve.batch``."""
 
     def __init__(self, recommender: DeploymentHandle, max_body_bytes: int = DEFAULTS.max_body_bytes,
                  retries: int = DEFAULTS.retries, coalesce_in_flight: int = DEFAULTS.coalesce_in_flight):
-        self._client = RecommenderClient(recommender, retries)
+        self._client = RecommenderClient(recommender, retries, coalesce_in_flight)
         self._max_body_bytes = max_body_bytes
-        self._coalesce_in_flight = coalesce_in_flight
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        backend: Backend = self._client
-        if self._coalesce_in_flight:
-            backend = CoalescedRecommend(self._client, Coalescer(self._client.recommend_many, COALESCE_MAX,
-                                                                 self._coalesce_in_flight))
-        return make_api(backend, self._max_body_bytes, HttpMetrics())
+        return make_api(self._client, self._max_body_bytes, HttpMetrics())
