@@ -14,8 +14,8 @@ time, the others sit idle):
 
 * ``batched``:  1 Recommender replica (1 CPU), ``max_batch_size`` 16;
 * ``percall``:  the same, with the ingress's coalescing off (``coalesce_in_flight=0``: one call per request);
-* ``single``:   1 Recommender replica (1 CPU), ``max_batch_size`` 1 (no batching: once the replica has
-  answered, the ingress sends one body per call, as many as ``coalesce_in_flight`` at once);
+* ``single``:   1 Recommender replica (1 CPU), ``max_batch_size`` 1 (no batching: a coalesced group is
+  decoded one request after another);
 * ``kill``:     2 Recommender replicas (0.5 CPU each), batched; one replica is ``ray.kill``-ed a third of
   the way into its run (found among the named actors of the ``serve`` namespace); the ingress re-sends a
   read whose replica died (``retries``), and Serve starts a replacement. ``--kill-without-retries`` adds
