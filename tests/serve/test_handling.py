@@ -260,7 +260,7 @@ def test_client_retries_reads_and_idempotent_writes():
         none = _Method([RayActorError()])
         assert (await RecommenderClient(_Handle(item=none), retries=0).item("1"))["status"] == 503
         # a coalesced group is re-sent whole; when it cannot be, every body of it gets the 503
-        many = _Method([RayActorError(), {"replies": [{"items": [1]}, {"items": [2]}], "max_batch_size": 16}])
+        many = _Method([RayActorError(), [{"items": [1]}, {"items": [2]}]])
         client = RecommenderClient(_Handle(recommend_many=many), retries=1)
         assert await client.recommend_many([{"k": 1}, {"k": 2}]) == [{"items": [1]}, {"items": [2]}]
         dead = _Method([RayActorError(), RayActorError()])
@@ -268,33 +268,6 @@ def test_client_retries_reads_and_idempotent_writes():
         assert len(out) == 3 and all(o["status"] == 503 for o in out) and dead.calls == 2
 
     asyncio.run(main())
-
-
-def test_client_caps_coalesced_groups_at_the_replicas_max_batch_size():
-    """A replica with max_batch_size 2 decodes a group of 6 in three turns, each body waiting for the last:
-    once a reply names the limit, the ingress sends no group larger than it."""
-    from sidrec.serve.http import COALESCE_MAX, RecommenderClient
-
-    groups: list[int] = []
-
-    class _Many:
-        async def _answer(self, requests):
-            groups.append(len(requests))
-            await asyncio.sleep(0.01)
-            return {"replies": [{"items": [r["k"]]} for r in requests], "max_batch_size": 2}
-
-        def remote(self, requests):
-            return self._answer(requests)
-
-    async def main():
-        client = RecommenderClient(_Handle(recommend_many=_Many()), retries=0, coalesce_in_flight=1)
-        assert await client.recommend({"k": 0}) == {"items": [0]}     # the first reply names the limit
-        out = await asyncio.gather(*(client.recommend({"k": i}) for i in range(1, 12)))
-        assert out == [{"items": [i]} for i in range(1, 12)]
-        return groups
-
-    sizes = asyncio.run(main())
-    assert COALESCE_MAX > 2 and sizes[0] == 1 and max(sizes[1:]) == 2 and sum(sizes) == 12
 
 
 # ====================================================================================== admin key

@@ -205,14 +205,12 @@ class RecommenderDeployment:
         out = await self.recommend_batch(request)
         return out if is_error(out) else {**out, "replica": self._replica}
 
-    async def recommend_many(self, requests: list[dict[str, Any]]) -> Reply:
+    async def recommend_many(self, requests: list[dict[str, Any]]) -> list[Reply]:
         """Several /v1/recommend bodies (the ingress's coalesced call). They join the replica's decode queue:
         whatever waits when the model is free is decoded as the next batch (at most ``max_batch_size``), with
-        no batch wait. The reply names this replica's ``max_batch_size`` so the ingress sends no larger group
-        (a larger one would be decoded in turns, and each body would wait for the last)."""
+        no batch wait."""
         out = await asyncio.gather(*(self._decode_queue(r) for r in requests))
-        return {"replies": [o if is_error(o) else {**o, "replica": self._replica} for o in out],
-                "max_batch_size": self._decode_queue.max_group}
+        return [o if is_error(o) else {**o, "replica": self._replica} for o in out]
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def recommend_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:

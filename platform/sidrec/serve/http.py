@@ -58,8 +58,7 @@ log = logging.getLogger("ray.serve")
 
 Reply = dict[str, Any]
 DEFAULTS = ServeAppConfig()
-# most /v1/recommend bodies in one coalesced call (lowered to the replicas' max_batch_size once one replies):
-# one replica batch, so no body waits for a second batch
+# most /v1/recommend bodies in one coalesced call: one replica batch, so no body waits for a second batch
 COALESCE_MAX = MAX_BATCH_SIZE
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (413, 422, 503)}
@@ -111,14 +110,9 @@ class RecommenderClient:
         return await self._call(lambda: self._handle.recommend.remote(request))
 
     async def recommend_many(self, requests: list[dict[str, Any]]) -> list[Reply]:
-        """Several /v1/recommend bodies in one call (one replica decodes them together). Later groups are
-        capped at the replica's ``max_batch_size``, which its reply names (it may change on reconfigure)."""
+        """Several /v1/recommend bodies in one call (one replica decodes them together)."""
         out = await self._call(lambda: self._handle.recommend_many.remote(requests))
-        if is_error(out):
-            return [out] * len(requests)
-        if self._group is not None:
-            self._group.max_group = max(1, min(COALESCE_MAX, int(out["max_batch_size"])))
-        return out["replies"]
+        return [out] * len(requests) if is_error(out) else out
 
     async def search(self, request: dict[str, Any]) -> Reply:
         return await self._call(lambda: self._handle.search.remote(request))
