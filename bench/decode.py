@@ -1,6 +1,6 @@
 """Constrained beam-search speed: sidrec's SidDecoder vs the Hugging Face reference vs the floor, one run.
 
-    python bench/decode.py --store artifacts/amazon-industrial             # tiny trained model + d=1024 8-layer
+    python bench/decode.py --store artifacts/amazon-industrial             # the store's trained model + d=1024 8-layer
     python bench/decode.py --store artifacts/amazon-industrial --models store --batches 1 16 --threads 1 2
     python bench/decode.py --store artifacts/quickstart --models store --exclude-history   # as Serve decodes
 
