@@ -1,6 +1,6 @@
 """Constrained beam-search speed: sidrec's SidDecoder vs the Hugging Face reference vs the floor, one run.
 
-    python bench/decode.py --store artifacts/amazon-industrial             # the store's trained model + d=1024 8-layer
+    python bench/decode.py --store artifacts/amazon-industrial     # the store's model + a d=1024 8-layer
     python bench/decode.py --store artifacts/amazon-industrial --models store --batches 1 16 --threads 1 2
     python bench/decode.py --store artifacts/quickstart --models store --exclude-history   # as Serve decodes
 
@@ -121,7 +121,8 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
         same = [[i for h in a for i in h.items] for a in outs["ours"]] == [
             [i for h in b for i in h.items] for b in outs["hf"]]
     return {
-        "model": name, "arch": model.config.model_type, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "batch": bs,
+        "model": name, "arch": model.config.model_type, "batch": bs,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "beams": args.beams, "exclude_history": exclude is not None,
         "prompt_tokens_mean": round(sum(map(len, prompts)) / bs, 1),
         "sidrec_recs_per_s": bs / t_ours, "sidrec_ms_per_req": 1000 * t_ours / bs,
@@ -138,9 +139,9 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="artifacts/amazon-industrial")
-    ap.add_argument("--models", nargs="+", default=["store", "large"], choices=["store", "tiny", "large"],
-                    help="store: the store's trained model, whatever its size (tiny: its old name); large: a "
-                         "random d=1024 8-layer model of the same vocabulary")
+    ap.add_argument("--models", nargs="+", default=["store", "large"], choices=["store", "large"],
+                    help="store: the store's trained model, whatever its size; large: a random d=1024 "
+                         "8-layer model of the same vocabulary")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--k", type=int, default=10)
@@ -164,9 +165,9 @@ def main() -> None:
     prompts_all = [rec.prompt_ids(r["history"], user_id=r["user_id"]) for r in test]
     excludes_all = [set(map(str, r["history"])) & set(rec.sid_of) for r in test] if args.exclude_history else None
     rows = []
-    for name in dict.fromkeys("store" if m == "tiny" else m for m in args.models):
-        model = rec.model if name == "store" else large_model(rec.model.get_output_embeddings().weight.shape[0],
-                                                              rec.tokenizer)
+    for name in args.models:
+        vocab = rec.model.get_output_embeddings().weight.shape[0]
+        model = rec.model if name == "store" else large_model(vocab, rec.tokenizer)
         dec = SidDecoder(model, rec.tokenizer, rec.index, num_beams=args.beams)
         base = baseline_decoder(args.baseline, model, rec, args.store, args.beams) if args.baseline else None
         for threads in args.threads:
@@ -178,7 +179,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    head = (f"{'model':6} {'arch':>8} {'params':>7} {'thr':>3} {'batch':>5} {'sidrec rec/s':>12} {'sidrec ms/req':>13} "
+    head = (f"{'model':6} {'arch':>8} {'params':>7} {'thr':>3} {'batch':>5} {'sidrec rec/s':>12} "
+            f"{'sidrec ms/req':>13} "
             f"{'HF ms/req':>10} {'floor ms/req':>12} {'vs HF':>7} {'/floor':>7} {'same top10':>10}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -186,7 +188,8 @@ def main() -> None:
         sp = f"{r['speedup_vs_hf']:.1f}x" if r["speedup_vs_hf"] else "-"
         base = (f"  baseline {r['baseline_ms_per_req']:.1f} ms/req = {r['baseline_ratio_to_floor']:.2f}x floor, same "
                 f"top10 {r['baseline_same_top10']}" if "baseline_ms_per_req" in r else "")
-        print(f"{r['model']:6} {r['arch']:>8} {r['params_m']:>6}M {r['threads']:>3} {r['batch']:>5} {r['sidrec_recs_per_s']:>12.1f} "
+        print(f"{r['model']:6} {r['arch']:>8} {r['params_m']:>6}M {r['threads']:>3} {r['batch']:>5} "
+              f"{r['sidrec_recs_per_s']:>12.1f} "
               f"{r['sidrec_ms_per_req']:>13.1f} {hf:>10} {r['floor_ms_per_req']:>12.1f} {sp:>7} "
               f"{r['ratio_to_floor']:>6.2f}x {str(r['identical_top10']):>10}{base}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
