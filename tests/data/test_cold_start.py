@@ -14,6 +14,7 @@ import pytest
 from sidrec.config import ConfigError, EvalConfig, load_config
 from sidrec.data import cold_start as cs
 from sidrec.data.tables import Dataset, first_interactions, leave_one_out
+from sidrec.sids.collab import COLLAB_FILE
 from sidrec.stages import dataset as dataset_stage
 from sidrec.store import ArtifactStore
 from tests.conftest import shared_data
@@ -162,6 +163,10 @@ def training_inputs(store: ArtifactStore, cfg) -> dict[str, set[str]]:
         from sidrec.stages.quantizer import fit_input
 
         out["quantizer fit"] = set(fit_input(store, cs.cold_items(store))[0])
+        if COLLAB_FILE in store.require("quantizer")["files"]:
+            vec = store.read_table(f"{store.current_path('quantizer')}/{COLLAB_FILE}")
+            out["collaborative co-occurrence"] = {i for i, seen in zip(vec["item_id"].to_pylist(),
+                                                                       vec["observed"].to_pylist(), strict=True) if seen}
     if store.manifest("sids"):
         out["sids (alignment rows, SID token init)"] = set(store.sid_map())
     if store.manifest("instructions"):
@@ -228,15 +233,16 @@ def test_no_cold_item_in_the_dataset_stage_or_the_baselines_fit(tmp_path, monkey
 
 @pytest.mark.slow
 def test_no_cold_item_in_any_stage_output_of_a_real_store(tmp_path, local_ray):
-    """The real stages (MiniLM embeddings, an RQ-KMeans fit, SIDs, instruction rows, the preset tokenizer) on a
-    tiny generic dataset with 20% of the items cold."""
+    """The real stages (MiniLM embeddings, collaborative vectors, an RQ-KMeans fit, SIDs, instruction rows, the
+    preset tokenizer) on a tiny generic dataset with 20% of the items cold."""
     from sidrec.pipeline import run
 
     ids, titles = tiny_generic(tmp_path)
     cfg = tiny_config(tmp_path, ["quantize.method=rqkmeans", "quantize.codebook_size=8", "quantize.levels=2",
                                  "embed.num_actors=1", "embed.cpus_per_actor=0.5", "model.hidden_size=32",
                                  "model.num_heads=2", "model.num_kv_heads=1", "model.num_layers=1",
-                                 "model.intermediate_size=64", "model.tokenizer_vocab_size=300"])
+                                 "model.intermediate_size=64", "model.tokenizer_vocab_size=300",
+                                 "quantize.collab_weight=0.5", "quantize.collab_dim=4"])
     manifests = run(cfg, until="base_model")
     store = ArtifactStore(cfg.store.root)
     cold = assert_no_leak(store, cfg, dict(zip(ids, titles, strict=True)))
@@ -244,5 +250,15 @@ def test_no_cold_item_in_any_stage_output_of_a_real_store(tmp_path, local_ray):
     assert set(cold) <= set(embedded["item_id"].to_pylist())  # their text is still embedded (content baseline)
     fit = manifests["quantizer"]["metrics"]  # what the Ray task really fitted on
     assert fit["held_out_items"] == len(cold) and fit["items"] == embedded.num_rows - len(cold)
+    assert fit["collab_observed_items"] == embedded.num_rows - len(cold)   # every warm item, no cold one
+    # a cold item added later (the admin path) gets the very collaborative vector the stage stored for it
+    from sidrec.catalog.encoder import ItemEncoder
+    from sidrec.sids.embed import read_embeddings
+
+    enc = ItemEncoder(cfg.store.root)
+    all_ids, text = read_embeddings(store)
+    rows = [all_ids.index(i) for i in cold]
+    stored = enc.collab.combine(text[rows], enc.collab.lookup(cold))
+    assert np.allclose(enc.quantizer_input(text[rows]), stored, atol=1e-5)
     assert {"next_item", "sid_to_title", "title_to_sid"} <= {k.split()[1] for k in training_inputs(store, cfg)
                                                              if k.startswith("train ") and k.endswith(" rows")}

@@ -11,6 +11,9 @@ The model only knows the SID tokens of the catalog it was trained on (one token 
 some item used). When the quantizer's own code for a new item uses a token the model lacks, or every
 dedup-level token under its prefix is taken, the next-nearest codes made of known tokens are used instead
 (a small beam search over the residual levels, nearest first); ``exact`` tells which happened.
+
+A quantizer fitted with collaborative vectors (``quantize.collab_weight``) gets a new item's from its text:
+the mean vector of its nearest catalog items by text (`sidrec.sids.collab`), for an add and an update alike.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sidrec.config import EmbedConfig, section_from_dict
+from sidrec.config import EmbedConfig, QuantizerConfig, section_from_dict
 from sidrec.data.tables import CATEGORY_SEP
 from sidrec.recommender import LiveCatalog
-from sidrec.sids.embed import TextEncoder, render_text
+from sidrec.sids.collab import read_collab
+from sidrec.sids.embed import TextEncoder, read_embeddings, render_text
 from sidrec.sids.index import SidIndex
-from sidrec.sids.quantize import RQKMeans, encode_codes, quantizer_from_bytes
+from sidrec.sids.quantize import CONFIG_FILE, WEIGHTS_FILE, RQKMeans, encode_codes, quantizer_from_bytes
 from sidrec.sids.tokens import parse_sid
 from sidrec.store import ArtifactStore
 
@@ -68,7 +72,12 @@ class ItemEncoder:
         self.embed_cfg = section_from_dict(EmbedConfig, emb["config"])
         qman = store.require("quantizer")
         qdir = store.current_path("quantizer")
-        self.quantizer = quantizer_from_bytes({n: store.read_bytes(f"{qdir}/{n}") for n in qman["files"]})
+        self.quantizer = quantizer_from_bytes({n: store.read_bytes(f"{qdir}/{n}") for n in (WEIGHTS_FILE, CONFIG_FILE)})
+        self.collab = read_collab(store, section_from_dict(QuantizerConfig, qman["config"]))
+        if self.collab is not None:   # the catalog's text embeddings, in the vectors' row order
+            ids, text = read_embeddings(store)
+            row = {i: r for r, i in enumerate(ids)}
+            self.catalog_text = text[[row[i] for i in self.collab.item_ids]]
         self.collision = store.require("sids")["config"].get("collision", "dedup")
         self.versions = {s: store.require(s)["version"] for s in ("embeddings", "quantizer", "sids")}
         self.device = device
@@ -96,6 +105,13 @@ class ItemEncoder:
         return self._encoder().encode(self.texts(items))
 
     # ------------------------------------------------------------------------------------- quantize
+    def quantizer_input(self, emb: np.ndarray) -> np.ndarray:
+        """Text embeddings [N, D] -> what the stored quantizer reads: [N, D], or [N, D + d] with the
+        collaborative vectors imputed from the catalog's text."""
+        if self.collab is None or len(emb) == 0:
+            return emb
+        return self.collab.combine(emb, self.collab.for_text(emb, self.catalog_text))
+
     def _latent(self, emb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent [N, d], codebooks [Lq, K, d]) of the stored quantizer."""
         q = self.quantizer
@@ -108,6 +124,7 @@ class ItemEncoder:
     def candidates(self, emb: np.ndarray, allowed: np.ndarray, beam: int = 8) -> list[list[tuple[int, ...]]]:
         """Per item, code tuples [Lq] nearest first: the quantizer's own codes, then a beam search over the
         residual levels that only uses codes with ``allowed[level, code]`` (ranked by the final residual)."""
+        emb = self.quantizer_input(emb)
         exact = encode_codes(self.quantizer, emb)
         z, cbs = self._latent(emb)
         levels = cbs.shape[0]

@@ -1,13 +1,14 @@
 """Stage ``quantizer``: an RQ-VAE / RQ-KMeans fitted on the embeddings in a Ray task, saved as safetensors.
 
 The fit leaves out the cold items of ``eval.cold_start`` (`fit_input`): their codes come later, from the
-fitted quantizer, as a new item's do."""
+fitted quantizer, as a new item's do. With ``quantize.collab_weight`` > 0 the stage first computes every
+item's collaborative vector from the train split (`sidrec.sids.collab`), stores them as ``collab.parquet``
+and fits on text + collaborative vectors."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 
 import numpy as np
 
@@ -15,6 +16,8 @@ from sidrec import console
 from sidrec.cluster import init_ray
 from sidrec.config import QuantizerConfig, SidrecConfig
 from sidrec.data import cold_start
+from sidrec.sids import collab
+from sidrec.sids.collab import COLLAB_FILE, CollabVectors
 from sidrec.sids.embed import read_embeddings
 from sidrec.sids.quantize import fit_quantizer, quantizer_to_bytes, reconstruction_error
 from sidrec.stages.run import run_stage
@@ -23,9 +26,21 @@ from sidrec.store import ArtifactStore, StageRun
 log = logging.getLogger("sidrec")
 
 
-def fit_input(store: ArtifactStore, held_out: list[str]) -> tuple[list[str], np.ndarray]:
-    """(item ids, embeddings) the quantizer is fitted on: every embedded item but the held-out (cold) ones."""
+def collab_vectors(store: ArtifactStore, qcfg: QuantizerConfig, ids: list[str], emb: np.ndarray) -> CollabVectors:
+    """Every embedded item's collaborative vector, counted from the published train split only."""
+    train = store.read_table(f"{store.current_path('dataset')}/train.parquet", columns=["history", "target"])
+    return CollabVectors.fit(ids, emb, train.column("history").to_pylist(), train.column("target").to_pylist(),
+                             weight=qcfg.collab_weight, dim=qcfg.collab_dim, window=qcfg.collab_window,
+                             neighbours=qcfg.collab_neighbours, seed=qcfg.seed)
+
+
+def fit_input(store: ArtifactStore, held_out: list[str], vectors: CollabVectors | None = None
+              ) -> tuple[list[str], np.ndarray]:
+    """(item ids, quantizer inputs) the quantizer is fitted on: every embedded item but the held-out (cold)
+    ones; their text embeddings, joined with their collaborative vectors when ``vectors`` is given."""
     ids, emb = read_embeddings(store)
+    if vectors is not None:
+        emb = vectors.combine(emb, vectors.lookup(ids))
     if not held_out:
         return ids, emb
     skip = set(held_out)
@@ -37,7 +52,15 @@ def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, held
                      sink: console.ProgressSink) -> dict:
     """Ray task body: read embeddings from the store, fit, write safetensors + JSON back to the store."""
     store = ArtifactStore(store_root)
-    _, emb = fit_input(store, held_out)
+    extra: dict = {}
+    vectors = None
+    if collab.enabled(qcfg):
+        t0 = time.perf_counter()
+        vectors = collab_vectors(store, qcfg, *read_embeddings(store))
+        store.write_table(f"{out_path}/{COLLAB_FILE}", vectors.to_table())
+        extra = {"collab_seconds": round(time.perf_counter() - t0, 3),
+                 "collab_observed_items": int(vectors.observed.sum()), "collab_dim": int(vectors.vectors.shape[1])}
+    _, emb = fit_input(store, held_out, vectors)
     t0 = time.perf_counter()
 
     def progress(step: int, info: dict) -> None:
@@ -50,7 +73,7 @@ def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, held
         store.write_bytes(f"{out_path}/{name}", blob)
     held = {"held_out_items": len(held_out)} if held_out else {}
     return {"items": len(emb), **held, "fit_seconds": round(fit_s, 3), "epochs_run": len(q.history),
-            "reconstruction_mse": float(reconstruction_error(q, emb))}
+            "reconstruction_mse": float(reconstruction_error(q, emb)), **extra}
 
 
 def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
@@ -69,4 +92,6 @@ def build(store: ArtifactStore, cfg: SidrecConfig, force: bool = False) -> dict:
             return ray.get(task.remote(store.root, run.path, cfg.quantize, held_out, sink))
 
     inputs = {"embeddings": emb["fingerprint"]} | cold_start.stage_inputs(store, cfg.eval)
-    return run_stage(store, "quantizer", asdict(cfg.quantize), inputs, force, body)
+    if collab.enabled(cfg.quantize):
+        inputs["dataset"] = store.require("dataset")["fingerprint"]
+    return run_stage(store, "quantizer", collab.stage_config(cfg.quantize), inputs, force, body)

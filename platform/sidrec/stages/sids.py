@@ -14,8 +14,9 @@ from sidrec.cluster import init_ray
 from sidrec.config import SidrecConfig
 from sidrec.data import cold_start
 from sidrec.sids.codes import assign_collisions
+from sidrec.sids.collab import CollabVectors, read_collab
 from sidrec.sids.embed import embeddings_to_numpy
-from sidrec.sids.quantize import encode_codes, quantizer_from_bytes
+from sidrec.sids.quantize import CONFIG_FILE, WEIGHTS_FILE, encode_codes, quantizer_from_bytes
 from sidrec.sids.report import sid_report, write_report
 from sidrec.sids.tokens import render_sid
 from sidrec.stages.run import run_stage
@@ -23,19 +24,26 @@ from sidrec.store import ArtifactStore, StageRun
 
 
 class CodeAssigner:
-    """Ray Data actor: embeddings → codes with the trained quantizer (shared via the object store)."""
+    """Ray Data actor: embeddings (+ the stored collaborative vectors) → codes with the trained quantizer
+    (both shared via the object store)."""
 
-    def __init__(self, quantizer_files):
+    def __init__(self, quantizer_files, vectors=None):
         import ray
         import torch
 
         torch.set_num_threads(1)
         if isinstance(quantizer_files, ray.ObjectRef):
             quantizer_files = ray.get(quantizer_files)
+        if isinstance(vectors, ray.ObjectRef):
+            vectors = ray.get(vectors)
         self.q = quantizer_from_bytes(quantizer_files)
+        self.vectors: CollabVectors | None = vectors
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        codes = encode_codes(self.q, embeddings_to_numpy(batch))
+        x = embeddings_to_numpy(batch)
+        if self.vectors is not None:
+            x = self.vectors.combine(x, self.vectors.lookup(batch.column("item_id").to_pylist()))
+        codes = encode_codes(self.q, x)
         return pa.table({"item_id": batch.column("item_id"),
                          "codes": pa.array(list(codes), type=pa.list_(pa.int64()))})
 
@@ -46,12 +54,14 @@ def assign_codes(store: ArtifactStore, cfg: SidrecConfig) -> pa.Table:
     import ray.data
 
     qdir = store.current_path("quantizer")
-    files = {name: store.read_bytes(f"{qdir}/{name}") for name in store.require("quantizer")["files"]}
+    files = {name: store.read_bytes(f"{qdir}/{name}") for name in (WEIGHTS_FILE, CONFIG_FILE)}
     ref = ray.put(files)
+    vectors = read_collab(store, cfg.quantize)
+    vref = ray.put(vectors) if vectors is not None else None
     ds = ray.data.read_parquet(f"{store.current_path('embeddings')}/embeddings", filesystem=store.fs)
     ds = ds.map_batches(
         CodeAssigner,
-        fn_constructor_kwargs={"quantizer_files": ref},
+        fn_constructor_kwargs={"quantizer_files": ref, "vectors": vref},
         batch_size=cfg.sids.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.sids.num_actors),

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from sidrec.config import ConfigError, QuantizerConfig
+from sidrec.sids import collab
+from sidrec.sids.collab import CollabVectors, cooccurrence_pairs
+
+
+def two_communities(n_users: int = 60, seed: int = 0):
+    """Items a0..a9 are clicked together, b0..b9 together; no user mixes them. Text says nothing (random)."""
+    rng = np.random.default_rng(seed)
+    items = [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)] + ["new"]
+    hists, tgts = [], []
+    for u in range(n_users):
+        group = "a" if u % 2 else "b"
+        seq = [f"{group}{i}" for i in rng.permutation(10)[:6]]
+        for t in range(1, len(seq)):
+            hists.append(seq[:t])
+            tgts.append(seq[t])
+    text = rng.normal(size=(len(items), 64)).astype(np.float32)
+    return items, text, hists, tgts
+
+
+def fit(items, text, hists, tgts, **kw) -> CollabVectors:
+    args = {"weight": 0.5, "dim": 4, "window": 3, "neighbours": 3, "seed": 0} | kw
+    return CollabVectors.fit(items, text, hists, tgts, **args)
+
+
+def test_pairs_are_the_window_before_each_target_nearer_weighing_more():
+    pairs = cooccurrence_pairs([["x", "y", "z"]], ["t"], window=2)
+    assert pairs == [("t", "z", 1.0), ("t", "y", 0.5)]
+    assert cooccurrence_pairs([["t"]], ["t"], window=2) == []  # a repeat is no pair
+
+
+def test_items_clicked_together_get_close_vectors_the_others_do_not():
+    items, text, hists, tgts = two_communities()
+    v = fit(items, text, hists, tgts)
+    a, b = v.lookup([f"a{i}" for i in range(10)]), v.lookup([f"b{i}" for i in range(10)])
+    within = float(np.mean(a @ a.T)), float(np.mean(b @ b.T))
+    across = float(np.mean(a @ b.T))
+    assert min(within) > 0.5 and across < 0.1, (within, across)
+    assert np.allclose(np.linalg.norm(v.vectors, axis=1), 1.0, atol=1e-5)
+    assert v.observed.tolist() == [True] * 20 + [False]
+
+
+def test_an_unseen_item_gets_the_vector_of_the_items_that_read_like_it():
+    items, text, hists, tgts = two_communities()
+    text[-1] = text[:3].mean(axis=0)            # "new" reads like a0, a1, a2 and has no clicks
+    v = fit(items, text, hists, tgts)
+    new = v.lookup(["new"])[0]
+    a_mean = v.lookup([f"a{i}" for i in range(10)]).mean(axis=0)
+    b_mean = v.lookup([f"b{i}" for i in range(10)]).mean(axis=0)
+    assert new @ a_mean > 0.5 and new @ b_mean < 0.1
+    # an admin add of the same text computes the same vector from the stored ones
+    assert np.allclose(v.for_text(text[-1:], text)[0], new, atol=1e-6)
+
+
+def test_combined_input_is_unit_norm_with_the_weight_as_the_collab_share():
+    items, text, hists, tgts = two_communities()
+    v = fit(items, text, hists, tgts, weight=0.3)
+    x = v.combine(text, v.vectors)
+    assert x.shape == (len(items), 64 + 4)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.sum(x[:, 64:] ** 2, axis=1), 0.3, atol=1e-5)
+
+
+def test_same_inputs_same_vectors_and_table_round_trip():
+    items, text, hists, tgts = two_communities()
+    v1, v2 = fit(items, text, hists, tgts), fit(items, text, hists, tgts)
+    assert np.array_equal(v1.vectors, v2.vectors)
+    back = CollabVectors.from_table(v1.to_table(), 0.5, 3)
+    assert back.item_ids == v1.item_ids and np.array_equal(back.vectors, v1.vectors)
+    assert np.array_equal(back.observed, v1.observed)
+
+
+def test_off_keeps_the_quantizer_fingerprint_and_the_weight_is_checked():
+    off, on = QuantizerConfig(), QuantizerConfig(collab_weight=0.5)
+    assert not set(collab.COLLAB_FIELDS) & set(collab.stage_config(off))
+    assert collab.stage_config(on)["collab_weight"] == 0.5
+    with pytest.raises(ConfigError, match="quantize.collab_weight"):
+        QuantizerConfig(collab_weight=1.0)
