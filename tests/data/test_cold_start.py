@@ -242,7 +242,7 @@ def test_no_cold_item_in_any_stage_output_of_a_real_store(tmp_path, local_ray):
                                  "embed.num_actors=1", "embed.cpus_per_actor=0.5", "model.hidden_size=32",
                                  "model.num_heads=2", "model.num_kv_heads=1", "model.num_layers=1",
                                  "model.intermediate_size=64", "model.tokenizer_vocab_size=300",
-                                 "quantize.collab_weight=0.5", "quantize.collab_dim=4"])
+                                 "quantize.collab_dim=4"])   # collab_weight: the default (on)
     manifests = run(cfg, until="base_model")
     store = ArtifactStore(cfg.store.root)
     cold = assert_no_leak(store, cfg, dict(zip(ids, titles, strict=True)))

@@ -74,7 +74,7 @@ def test_same_inputs_same_vectors_and_table_round_trip():
 
 
 def test_off_keeps_the_quantizer_fingerprint_and_the_weight_is_checked():
-    off, on = QuantizerConfig(), QuantizerConfig(collab_weight=0.5)
+    off, on = QuantizerConfig(collab_weight=0.0), QuantizerConfig(collab_weight=0.5)
     assert not set(collab.COLLAB_FIELDS) & set(collab.stage_config(off))
     assert collab.stage_config(on)["collab_weight"] == 0.5
     with pytest.raises(ConfigError, match="quantize.collab_weight"):

@@ -13,7 +13,8 @@ dedup-level token under its prefix is taken, the next-nearest codes made of know
 (a small beam search over the residual levels, nearest first); ``exact`` tells which happened.
 
 A quantizer fitted with collaborative vectors (``quantize.collab_weight``) gets a new item's from its text:
-the mean vector of its nearest catalog items by text (`sidrec.sids.collab`), for an add and an update alike.
+the mean vector of its nearest catalog items by text (`sidrec.sids.collab`). An update of an item that had
+train interactions keeps its stored vector (its clicks did not change with its text).
 """
 
 from __future__ import annotations
@@ -105,12 +106,18 @@ class ItemEncoder:
         return self._encoder().encode(self.texts(items))
 
     # ------------------------------------------------------------------------------------- quantize
-    def quantizer_input(self, emb: np.ndarray) -> np.ndarray:
+    def quantizer_input(self, emb: np.ndarray, item_ids: Sequence[str] | None = None) -> np.ndarray:
         """Text embeddings [N, D] -> what the stored quantizer reads: [N, D], or [N, D + d] with the
-        collaborative vectors imputed from the catalog's text."""
+        collaborative vectors: stored for items of ``item_ids`` that had train interactions, else imputed
+        from the catalog's text."""
         if self.collab is None or len(emb) == 0:
             return emb
-        return self.collab.combine(emb, self.collab.for_text(emb, self.catalog_text))
+        vec = self.collab.for_text(emb, self.catalog_text)
+        for n, item in enumerate(item_ids or ()):
+            row = self.collab.row_of.get(item)
+            if row is not None and self.collab.observed[row]:
+                vec[n] = self.collab.vectors[row]
+        return self.collab.combine(emb, vec)
 
     def _latent(self, emb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent [N, d], codebooks [Lq, K, d]) of the stored quantizer."""
@@ -121,10 +128,12 @@ class ItemEncoder:
                 return q.prepare(x), q.codebooks.detach()
             return q.encoder(q.prepare(x)), q.quantizer.codebooks.detach()
 
-    def candidates(self, emb: np.ndarray, allowed: np.ndarray, beam: int = 8) -> list[list[tuple[int, ...]]]:
-        """Per item, code tuples [Lq] nearest first: the quantizer's own codes, then a beam search over the
-        residual levels that only uses codes with ``allowed[level, code]`` (ranked by the final residual)."""
-        emb = self.quantizer_input(emb)
+    def candidates(self, emb: np.ndarray, allowed: np.ndarray, beam: int = 8,
+                   item_ids: Sequence[str] | None = None) -> list[list[tuple[int, ...]]]:
+        """Per item (text embeddings [N, D]; ``item_ids`` for ``quantizer_input``), code tuples [Lq] nearest
+        first: the quantizer's own codes, then a beam search over the residual levels that only uses codes
+        with ``allowed[level, code]`` (ranked by the final residual)."""
+        emb = self.quantizer_input(emb, item_ids)
         exact = encode_codes(self.quantizer, emb)
         z, cbs = self._latent(emb)
         levels = cbs.shape[0]
@@ -161,7 +170,7 @@ def assign_sids(catalog: LiveCatalog, encoder: ItemEncoder, items: Sequence[NewI
         raise ValueError(f"the index has {index.levels} levels but the quantizer {levels_q} "
                          f"(collision={encoder.collision!r}): store stages do not match")
     known = catalog.tokens >= 0                                      # [L, K]
-    cands = encoder.candidates(emb, known[:levels_q])
+    cands = encoder.candidates(emb, known[:levels_q], item_ids=[i.item_id for i in items])
     previous = previous or {}
     taken = ({tuple(parse_sid(s)) for i, s in catalog.retired.items() if i not in previous} if dedup else set())
     out, failed = [], []
