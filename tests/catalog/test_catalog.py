@@ -244,5 +244,5 @@ def test_an_update_keeps_the_items_collaborative_vector_and_an_add_gets_one_from
         assert np.allclose(enc.quantizer_input(t, [item]), own, atol=1e-5)   # update: the stored vector
     t = text[[ids.index(warm)]]
     added = enc.quantizer_input(t, ["not-in-the-catalog"])
-    assert np.allclose(added, enc.collab.combine(t, enc.collab.for_text(t, enc.catalog_text)), atol=1e-5)
+    assert np.allclose(added, enc.collab.combine(t, enc.collab.for_text(t, enc.known_text)), atol=1e-5)
     assert not np.allclose(added, enc.collab.combine(t, enc.collab.lookup([warm])), atol=1e-3)

@@ -75,10 +75,11 @@ class ItemEncoder:
         qdir = store.current_path("quantizer")
         self.quantizer = quantizer_from_bytes({n: store.read_bytes(f"{qdir}/{n}") for n in (WEIGHTS_FILE, CONFIG_FILE)})
         self.collab = read_collab(store, section_from_dict(QuantizerConfig, qman["config"]))
-        if self.collab is not None:   # the catalog's text embeddings, in the vectors' row order
+        if self.collab is not None:   # the text embeddings of the items with clicks, what imputation reads
             ids, text = read_embeddings(store)
             row = {i: r for r, i in enumerate(ids)}
-            self.catalog_text = text[[row[i] for i in self.collab.item_ids]]
+            known = [i for i, seen in zip(self.collab.item_ids, self.collab.observed, strict=True) if seen]
+            self.known_text = text[[row[i] for i in known]]
         self.collision = store.require("sids")["config"].get("collision", "dedup")
         self.versions = {s: store.require(s)["version"] for s in ("embeddings", "quantizer", "sids")}
         self.device = device
@@ -112,7 +113,7 @@ class ItemEncoder:
         from the catalog's text."""
         if self.collab is None or len(emb) == 0:
             return emb
-        vec = self.collab.for_text(emb, self.catalog_text)
+        vec = self.collab.for_text(emb, self.known_text)
         for n, item in enumerate(item_ids or ()):
             row = self.collab.row_of.get(item)
             if row is not None and self.collab.observed[row]:

@@ -105,6 +105,7 @@ class CollabVectors:
 
     def __post_init__(self) -> None:
         self.row_of = {i: r for r, i in enumerate(self.item_ids)}
+        self.known_vectors = self.vectors[self.observed]     # what imputation averages, taken once
 
     @classmethod
     def fit(cls, item_ids: Sequence[str], text: np.ndarray, histories: Sequence[Sequence[str]],
@@ -123,8 +124,8 @@ class CollabVectors:
 
     def for_text(self, text: np.ndarray, known_text: np.ndarray) -> np.ndarray:
         """[M, d] vectors of new items from their text, imputed from the observed items (``known_text``
-        [N, D]: the text embeddings of ``item_ids``, in that order)."""
-        return impute(text, known_text[self.observed], self.vectors[self.observed], self.neighbours)
+        [K, D]: the text embeddings of the observed items, in ``item_ids`` order: ``text[observed]``)."""
+        return impute(text, known_text, self.known_vectors, self.neighbours)
 
     def combine(self, text: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """Quantizer input [M, D + d] from text [M, D] and collaborative vectors [M, d] (see the module doc)."""
@@ -143,8 +144,9 @@ class CollabVectors:
 
     @classmethod
     def from_table(cls, table, weight: float, neighbours: int) -> CollabVectors:
-        col = table.column("vector").combine_chunks()
-        vec = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        from sidrec.sids.embed import embeddings_to_numpy
+
+        vec = embeddings_to_numpy(table, "vector")
         return cls(table.column("item_id").to_pylist(), vec.astype(np.float32),
                    np.asarray(table.column("observed").to_pylist(), bool), weight, neighbours)
 

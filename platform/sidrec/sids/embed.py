@@ -122,9 +122,9 @@ def count_rows(path: str, fs) -> int:
     return pq.read_table(path, filesystem=fs, columns=["item_id"]).num_rows
 
 
-def embeddings_to_numpy(table: pa.Table) -> np.ndarray:
-    """[N, D] float32 view of an `embedding` fixed-size-list column."""
-    col = table.column("embedding").combine_chunks()
+def embeddings_to_numpy(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """[N, D] float32 view of a fixed-size-list column (``embedding``, or another)."""
+    col = table.column(column).combine_chunks()
     return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
 
