@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sidrec.config import EmbedConfig, QuantizerConfig, section_from_dict
+from sidrec.config import EmbedConfig, section_from_dict
 from sidrec.data.tables import CATEGORY_SEP
 from sidrec.recommender import LiveCatalog
 from sidrec.sids.collab import read_collab
@@ -71,10 +71,10 @@ class ItemEncoder:
         store = ArtifactStore(store_root)
         emb = store.require("embeddings")
         self.embed_cfg = section_from_dict(EmbedConfig, emb["config"])
-        qman = store.require("quantizer")
+        store.require("quantizer")
         qdir = store.current_path("quantizer")
         self.quantizer = quantizer_from_bytes({n: store.read_bytes(f"{qdir}/{n}") for n in (WEIGHTS_FILE, CONFIG_FILE)})
-        self.collab = read_collab(store, section_from_dict(QuantizerConfig, qman["config"]))
+        self.collab = read_collab(store)
         if self.collab is not None:   # the text embeddings of the items with clicks, what imputation reads
             ids, text = read_embeddings(store)
             row = {i: r for r, i in enumerate(ids)}

@@ -167,9 +167,13 @@ def stage_config(qcfg) -> dict:
     return section if enabled(qcfg) else {k: v for k, v in section.items() if k not in COLLAB_FIELDS}
 
 
-def read_collab(store, qcfg) -> CollabVectors | None:
-    """The published quantizer stage's collaborative vectors (None for a text-only quantizer)."""
-    if not enabled(qcfg):
+def read_collab(store) -> CollabVectors | None:
+    """The published quantizer stage's collaborative vectors, with the weight it was fitted with; None when
+    it was fitted on text only (its manifest lists no ``collab.parquet``; a stage built with the option off
+    does not record the option at all, so its config must not be read back with today's defaults)."""
+    manifest = store.require("quantizer")
+    if COLLAB_FILE not in manifest.get("files", []):
         return None
     table = store.read_table(f"{store.current_path('quantizer')}/{COLLAB_FILE}")
-    return CollabVectors.from_table(table, qcfg.collab_weight, qcfg.collab_neighbours)
+    cfg = manifest["config"]
+    return CollabVectors.from_table(table, float(cfg["collab_weight"]), int(cfg["collab_neighbours"]))

@@ -56,7 +56,7 @@ def assign_codes(store: ArtifactStore, cfg: SidrecConfig) -> pa.Table:
     qdir = store.current_path("quantizer")
     files = {name: store.read_bytes(f"{qdir}/{name}") for name in (WEIGHTS_FILE, CONFIG_FILE)}
     ref = ray.put(files)
-    vectors = read_collab(store, cfg.quantize)
+    vectors = read_collab(store)
     vref = ray.put(vectors) if vectors is not None else None
     ds = ray.data.read_parquet(f"{store.current_path('embeddings')}/embeddings", filesystem=store.fs)
     ds = ds.map_batches(
