@@ -182,7 +182,7 @@ class QuantizerConfig(Section):
     normalize_input: bool = opt(True, "L2-normalise embeddings first (their norm is noise for cosine)")
     num_threads: int = opt(1, "torch CPU threads of the fit (0 = as set); fixed: same SIDs on any CPU count", ge=0)
     seed: int = opt(0, "seed of weight init, k-means++ and batch order", ge=0)
-    collab_weight: float = opt(0.5, "share of the quantizer input that is collaborative (PPMI-SVD of train "
+    collab_weight: float = opt(0.0, "share of the quantizer input that is collaborative (PPMI-SVD of train "
                                "co-occurrence, imputed from text neighbours for unseen items; "
                                "sidrec.sids.collab); 0 = text only", ge=0, lt=1)
     collab_dim: int = opt(32, "width of the collaborative vectors (SVD rank)", ge=1)

@@ -225,24 +225,3 @@ def test_entries_from_other_stage_versions_are_reencoded_the_same_everywhere(roo
     assert r1.catalog.sid_of["old-1"] == r2.catalog.sid_of["old-1"]
     assert r1.catalog.sid_of["old-2"] == r2.catalog.sid_of["old-2"]
 
-
-def test_an_update_keeps_the_items_collaborative_vector_and_an_add_gets_one_from_its_text(root):
-    """The store's quantizer reads text + collaborative vectors (the default): an item with train clicks keeps
-    its own vector when its text is updated; an unknown item's is the mean of its nearest items' by text,
-    which is what the sids stage stored for catalog items without clicks."""
-    from sidrec.catalog.encoder import ItemEncoder
-    from sidrec.sids.embed import read_embeddings
-
-    enc = ItemEncoder(root)
-    assert enc.collab is not None and enc.collab.observed.any() and not enc.collab.observed.all()
-    ids, text = read_embeddings(ArtifactStore(root))
-    warm = next(i for i, seen in zip(enc.collab.item_ids, enc.collab.observed, strict=True) if seen)
-    unseen = next(i for i, seen in zip(enc.collab.item_ids, enc.collab.observed, strict=True) if not seen)
-    for item in (warm, unseen):
-        t = text[[ids.index(item)]]
-        own = enc.collab.combine(t, enc.collab.lookup([item]))
-        assert np.allclose(enc.quantizer_input(t, [item]), own, atol=1e-5)   # update: the stored vector
-    t = text[[ids.index(warm)]]
-    added = enc.quantizer_input(t, ["not-in-the-catalog"])
-    assert np.allclose(added, enc.collab.combine(t, enc.collab.for_text(t, enc.known_text)), atol=1e-5)
-    assert not np.allclose(added, enc.collab.combine(t, enc.collab.lookup([warm])), atol=1e-3)

@@ -242,7 +242,7 @@ def test_no_cold_item_in_any_stage_output_of_a_real_store(tmp_path, local_ray):
                                  "embed.num_actors=1", "embed.cpus_per_actor=0.5", "model.hidden_size=32",
                                  "model.num_heads=2", "model.num_kv_heads=1", "model.num_layers=1",
                                  "model.intermediate_size=64", "model.tokenizer_vocab_size=300",
-                                 "quantize.collab_dim=4"])   # collab_weight: the default (on)
+                                 "quantize.collab_weight=0.5", "quantize.collab_dim=4"])
     manifests = run(cfg, until="base_model")
     store = ArtifactStore(cfg.store.root)
     cold = assert_no_leak(store, cfg, dict(zip(ids, titles, strict=True)))
@@ -260,5 +260,13 @@ def test_no_cold_item_in_any_stage_output_of_a_real_store(tmp_path, local_ray):
     rows = [all_ids.index(i) for i in cold]
     stored = enc.collab.combine(text[rows], enc.collab.lookup(cold))
     assert np.allclose(enc.quantizer_input(text[rows]), stored, atol=1e-5)
+    # an update of an item with clicks keeps its own vector; an add of the same text gets an imputed one
+    warm = next(i for i, seen in zip(enc.collab.item_ids, enc.collab.observed, strict=True) if seen)
+    t = text[[all_ids.index(warm)]]
+    own = enc.collab.combine(t, enc.collab.lookup([warm]))
+    assert np.allclose(enc.quantizer_input(t, [warm]), own, atol=1e-5)
+    added = enc.quantizer_input(t, ["not-in-the-catalog"])
+    assert np.allclose(added, enc.collab.combine(t, enc.collab.for_text(t, enc.known_text)), atol=1e-5)
+    assert not np.allclose(added, own, atol=1e-3)
     assert {"next_item", "sid_to_title", "title_to_sid"} <= {k.split()[1] for k in training_inputs(store, cfg)
                                                              if k.startswith("train ") and k.endswith(" rows")}
