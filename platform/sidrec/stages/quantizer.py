@@ -34,11 +34,12 @@ def collab_vectors(store: ArtifactStore, qcfg: QuantizerConfig, ids: list[str], 
                              neighbours=qcfg.collab_neighbours, seed=qcfg.seed)
 
 
-def fit_input(store: ArtifactStore, held_out: list[str], vectors: CollabVectors | None = None
-              ) -> tuple[list[str], np.ndarray]:
+def fit_input(store: ArtifactStore, held_out: list[str], vectors: CollabVectors | None = None,
+              embedded: tuple[list[str], np.ndarray] | None = None) -> tuple[list[str], np.ndarray]:
     """(item ids, quantizer inputs) the quantizer is fitted on: every embedded item but the held-out (cold)
-    ones; their text embeddings, joined with their collaborative vectors when ``vectors`` is given."""
-    ids, emb = read_embeddings(store)
+    ones; their text embeddings (``embedded``, else read from the store), joined with their collaborative
+    vectors when ``vectors`` is given."""
+    ids, emb = embedded if embedded is not None else read_embeddings(store)
     if vectors is not None:
         emb = vectors.combine(emb, vectors.lookup(ids))
     if not held_out:
@@ -54,13 +55,14 @@ def _train_quantizer(store_root: str, out_path: str, qcfg: QuantizerConfig, held
     store = ArtifactStore(store_root)
     extra: dict = {}
     vectors = None
+    embedded = read_embeddings(store)   # read once: the collaborative step and the fit both use it
     if collab.enabled(qcfg):
         t0 = time.perf_counter()
-        vectors = collab_vectors(store, qcfg, *read_embeddings(store))
+        vectors = collab_vectors(store, qcfg, *embedded)
         store.write_table(f"{out_path}/{COLLAB_FILE}", vectors.to_table())
         extra = {"collab_seconds": round(time.perf_counter() - t0, 3),
                  "collab_observed_items": int(vectors.observed.sum()), "collab_dim": int(vectors.vectors.shape[1])}
-    _, emb = fit_input(store, held_out, vectors)
+    _, emb = fit_input(store, held_out, vectors, embedded)
     t0 = time.perf_counter()
 
     def progress(step: int, info: dict) -> None:
