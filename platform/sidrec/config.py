@@ -331,6 +331,9 @@ class TrainConfig(Section):
         "items", "next-item rows: response = the answer's tokens only; items = also every history item's SID "
         "tokens after the first (each is predicted from the items before it)")
     log_every: int = opt(20, "rank 0 logs loss, tokens/s and lr every this many optimizer steps", ge=1)
+    checkpoint_every: int = opt(
+        0, "also checkpoint every this many optimizer steps inside an epoch, for resuming only (never the "
+        "exported model, which is an epoch's); 0 = at epoch ends only. For long epochs and max_steps runs", ge=0)
 
     def check(self) -> None:
         if not self.deepspeed_config.strip():

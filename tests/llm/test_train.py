@@ -272,6 +272,22 @@ def test_worker_killed_after_first_checkpoint_resumes_from_it(prepared, ddp_run,
     assert hist[1]["val_loss"] == pytest.approx(uninterrupted["metrics"]["final_val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_step_checkpoint_resumes_inside_an_epoch(prepared, ddp_run, monkeypatch):
+    """A max_steps run of one long epoch must not restart from step 0: with ``checkpoint_every`` a crash
+    resumes from the last step checkpoint, and the math is the uninterrupted run's."""
+    store, root = prepared
+    _, uninterrupted = ddp_run
+    monkeypatch.setenv(CRASH_ENV, "50")  # epoch 1 = steps 1-60: step checkpoint at 40, crash at 50
+    cfg = _cfg(root, eval_users=0, max_failures=1, checkpoint_every=40)
+    m = model_stage.build(store, cfg)["metrics"]
+    assert m["worker_starts"] == 2 and m["resumed_from_step"] == 40 and m["resumed_from_epoch"] == 0, m
+    assert m["steps"] == 120 and m["epochs"] == 2 and m["best_epoch"] in (1, 2)
+    hist = _history(store)["history"]
+    assert [(h["epoch"], h["starts"]) for h in hist] == [(1, 2), (2, 2)]  # step checkpoints are not epochs
+    assert hist[1]["val_loss"] == pytest.approx(uninterrupted["metrics"]["final_val_loss"], rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- regressions
 
 
@@ -329,3 +345,16 @@ def test_in_training_check_with_codebook_over_256(tmp_path, local_ray):
     m = model_stage.build(store, cfg)["metrics"]
     assert m["steps"] == 2 and 0.0 <= m["hr@10"] <= 1.0
     assert _history(store)["history"][0]["eval_users"] == 4
+
+
+def test_best_checkpoint_is_never_a_step_checkpoint():
+    from types import SimpleNamespace
+
+    from sidrec.llm.train.driver import best_checkpoint
+
+    result = SimpleNamespace(checkpoint="latest", best_checkpoints=[
+        ("step40", {"val_loss": float("inf"), "partial_epoch": True}), ("epoch1", {"val_loss": 2.0}),
+        ("epoch2", {"val_loss": 1.5}), ("step100", {"val_loss": 0.1, "partial_epoch": True})])
+    assert best_checkpoint(result) == "epoch2"
+    assert best_checkpoint(SimpleNamespace(checkpoint="latest", best_checkpoints=[
+        ("step40", {"val_loss": float("inf"), "partial_epoch": True})])) == "latest"

@@ -87,6 +87,7 @@ def stage_metrics(tcfg: TrainConfig, summary: RunSummary, best_epoch: int, train
         "epochs": len(history), "steps": summary.global_step,
         "tokens_per_s": last.get("tokens_per_s"),
         "resumed_from_epoch": summary.resumed_from_epoch,
+        "resumed_from_step": summary.resumed_from_step,
         "worker_starts": summary.starts,
         "fit_seconds": round(fit_seconds, 3),
         "strategy": tcfg.strategy, "num_workers": tcfg.num_workers,

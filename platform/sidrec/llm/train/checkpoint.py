@@ -1,4 +1,7 @@
-"""The per-epoch checkpoint: every rank writes its part into a local folder, Ray merges the uploads.
+"""The checkpoints: every rank writes its part into a local folder, Ray merges the uploads.
+
+One at each epoch's end (validated; the exported model is the best of these) and, with
+``train.checkpoint_every``, one every that many steps inside an epoch, for resuming only.
 
 See the package docstring for the layout (state.json, model/, optimizer.pt, adapter/, ds/<tag>/).
 """
@@ -28,13 +31,17 @@ def new_checkpoint_dir() -> str:
     return tempfile.mkdtemp(prefix="sidrec-ckpt-")
 
 
-def save_deepspeed(parts: TrainParts, env: WorkerEnv, tmp: str, state: dict, epoch: int) -> None:
-    """Every rank: the engine's checkpoint (module, optimizer partitions, scheduler) under ``ds/epoch<N>``;
+def checkpoint_tag(state: dict) -> str:
+    """``epoch<N>`` after epoch N, ``step<S>`` inside an epoch (global step S): the Ray folder's name too."""
+    return f"step{state['global_step']:06d}" if state["epoch_step"] else f"epoch{state['epoch']:04d}"
+
+
+def save_deepspeed(parts: TrainParts, env: WorkerEnv, tmp: str, state: dict, tag: str) -> None:
+    """Every rank: the engine's checkpoint (module, optimizer partitions, scheduler) under ``ds/<tag>``;
     ZeRO-3 also gathers the partitioned weights into ``w16/weights.bin`` for rank 0's HF copy."""
-    tag = f"epoch{epoch + 1}"
     state["ds_tag"] = tag
     os.makedirs(os.path.join(tmp, "ds", tag), exist_ok=True)
-    parts.engine.save_checkpoint(os.path.join(tmp, "ds"), tag=tag, client_state={"epoch": epoch + 1})
+    parts.engine.save_checkpoint(os.path.join(tmp, "ds"), tag=tag, client_state={"epoch": state["epoch"]})
     if env.stage3:  # consolidate the partitioned weights (needs stage3_gather_16bit_weights_on_model_save)
         if not parts.engine.save_16bit_model(os.path.join(tmp, "w16"), "weights.bin"):
             raise RuntimeError("ZeRO-3 checkpoint needs stage3_gather_16bit_weights_on_model_save: true")
@@ -58,12 +65,11 @@ def save_hf_copy(parts: TrainParts, env: WorkerEnv, tokenizer: PreTrainedTokeniz
                    os.path.join(tmp, "optimizer.pt"))
 
 
-def write_checkpoint(parts: TrainParts, env: WorkerEnv, tokenizer: PreTrainedTokenizerBase, state: dict,
-                     epoch: int) -> str:
-    """This rank's part of the epoch's checkpoint, in a fresh local folder (returned)."""
+def write_checkpoint(parts: TrainParts, env: WorkerEnv, tokenizer: PreTrainedTokenizerBase, state: dict) -> str:
+    """This rank's part of the checkpoint of ``state`` (see `checkpoint_tag`), in a fresh local folder."""
     tmp = new_checkpoint_dir()
     if env.use_ds:
-        save_deepspeed(parts, env, tmp, state, epoch)
+        save_deepspeed(parts, env, tmp, state, checkpoint_tag(state))
     if env.rank == 0:
         save_hf_copy(parts, env, tokenizer, tmp)
     return tmp
@@ -74,13 +80,13 @@ def write_state(tmp: str, state: dict) -> None:
         json.dump(state, f, indent=1)
 
 
-def report_epoch(env: WorkerEnv, metrics: dict, tmp: str, epoch: int) -> None:
-    """Report the epoch's metrics with the checkpoint folder, then remove the local copy.
+def report_checkpoint(env: WorkerEnv, metrics: dict, tmp: str, tag: str) -> None:
+    """Report the metrics with the checkpoint folder ``checkpoint_<tag>``, then remove the local copy.
 
     DeepSpeed: every rank uploads its optimizer partition; DDP: rank 0 holds the whole state.
     """
     import ray.train
 
     checkpoint = ray.train.Checkpoint.from_directory(tmp) if env.rank == 0 or env.use_ds else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}")
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{tag}")
     shutil.rmtree(tmp, ignore_errors=True)

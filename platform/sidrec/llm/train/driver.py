@@ -72,8 +72,10 @@ def fit_on_ray(store: ArtifactStore, tcfg: TrainConfig, ds_cfg: dict | None, cod
 
 
 def best_checkpoint(result: Any) -> Any:
-    """The reported checkpoint with the lowest ``val_loss`` (the latest one if none has it)."""
-    best = [(c, m) for c, m in (result.best_checkpoints or []) if m and m.get("val_loss") is not None]
+    """The epoch checkpoint with the lowest ``val_loss`` (the latest one if none has it); never one taken
+    inside an epoch (``partial_epoch``), which is for resuming."""
+    best = [(c, m) for c, m in (result.best_checkpoints or [])
+            if m and m.get("val_loss") is not None and not m.get("partial_epoch")]
     if best:
         return min(best, key=lambda cm: cm[1]["val_loss"])[0]
     return result.checkpoint
@@ -95,6 +97,7 @@ class RunSummary:
     global_step: int
     starts: int = 1
     resumed_from_epoch: int = 0
+    resumed_from_step: int = 0
 
 
 def run_summary(result: Any) -> RunSummary:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,13 +107,19 @@ def crash_for_test(env: WorkerEnv, state: dict, resumed_from: int, crash_at: int
 
 
 def train_epoch(env: WorkerEnv, parts: TrainParts, data: Examples, plan: StepPlan, state: dict, epoch: int,
-                pad_id: int, resumed_from: int, crash_at: int = 0, progress: ProgressSink | None = None) -> EpochResult:
-    """Train ``epoch`` on this rank's shard; advances ``state["global_step"]`` and appends to ``state["log"]``."""
+                pad_id: int, resumed_from: int, crash_at: int = 0, progress: ProgressSink | None = None,
+                checkpoint: Callable[[], None] | None = None) -> EpochResult:
+    """Train ``epoch`` on this rank's shard; advances ``state["global_step"]`` and appends to ``state["log"]``.
+
+    Starts after ``state["epoch_step"]`` steps (a checkpoint taken inside this epoch) and keeps that count;
+    calls ``checkpoint`` every ``train.checkpoint_every`` global steps except on the epoch's last step.
+    """
     tcfg = env.tcfg
     shard = epoch_shard(len(data.train), plan, tcfg.seed, epoch, env.rank)
     window, total = Window(), Window()
-    steps = min(plan.steps_per_epoch, plan.total_steps - state["global_step"])
-    for step in range(steps):
+    first = state["epoch_step"]
+    steps = min(plan.steps_per_epoch, first + plan.total_steps - state["global_step"])
+    for step in range(first, steps):
         for m in range(tcfg.grad_accum):
             batch = micro_batch(data.train, shard, step * tcfg.grad_accum + m, tcfg.batch_size, pad_id, env.device)
             ntok = int(batch["attention_mask"].sum())
@@ -121,11 +128,15 @@ def train_epoch(env: WorkerEnv, parts: TrainParts, data: Examples, plan: StepPla
             total.add(loss, ntok)
         optimizer_step(env, parts)
         state["global_step"] += 1
+        state["epoch_step"] = step + 1
         if progress is not None and env.rank == 0:
             progress.advance(1)
         if state["global_step"] % tcfg.log_every == 0 or step == steps - 1:
             lr = float(parts.scheduler.get_last_lr()[0])
             log_window(env, state, window, epoch, step, steps, plan.total_steps, lr)
             window = Window()
+        if checkpoint is not None and tcfg.checkpoint_every and step < steps - 1 \
+                and state["global_step"] % tcfg.checkpoint_every == 0:
+            checkpoint()
         crash_for_test(env, state, resumed_from, crash_at)
     return EpochResult(total.loss, total.micro, total.tokens, time.perf_counter() - total.t0)

@@ -13,16 +13,19 @@ from sidrec.llm.train.setup import TrainParts, WorkerEnv
 
 def fresh_state() -> dict[str, Any]:
     """The training state of a run that has not checkpointed yet (what ``state.json`` holds)."""
-    return {"epoch": 0, "global_step": 0, "history": [], "log": [], "starts": 0, "val_loss_before": None,
-            "tokens": 0}
+    return {"epoch": 0, "epoch_step": 0, "global_step": 0, "history": [], "log": [], "starts": 0,
+            "val_loss_before": None, "tokens": 0}
 
 
 def load_state(ckpt_dir: str | None) -> tuple[dict[str, Any], int]:
-    """(state, epochs already done) from the checkpoint's ``state.json``, counting this start in ``starts``."""
+    """(state, epochs already done) from the checkpoint's ``state.json``, counting this start in ``starts``.
+
+    ``epoch_step`` > 0: the checkpoint was taken inside epoch ``epoch`` after that many of its steps.
+    """
     state = fresh_state()
     if ckpt_dir is not None:
         with open(os.path.join(ckpt_dir, "state.json")) as f:
-            state = json.load(f)
+            state = fresh_state() | json.load(f)
     resumed_from = state["epoch"] if ckpt_dir is not None else 0
     state["starts"] = state.get("starts", 0) + 1
     return state, resumed_from

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sidrec.config import TOP_K
 from sidrec.console import ProgressSink
-from sidrec.llm.train.checkpoint import report_epoch, write_checkpoint, write_state
+from sidrec.llm.train.checkpoint import checkpoint_tag, report_checkpoint, write_checkpoint, write_state
 from sidrec.llm.train.data import Examples, StepPlan, load_examples, lr_lambda, plan_steps
 from sidrec.llm.train.fit import train_epoch
 from sidrec.llm.train.loss import sid_levels
@@ -50,6 +50,7 @@ class WorkerRun:
     parts: TrainParts
     state: dict
     resumed_from: int
+    resumed_step: int  # optimizer steps done before this start (an epoch's or a step checkpoint's)
     index: SidIndex | None = None  # rank 0 with train.eval_users > 0
 
 
@@ -104,24 +105,41 @@ def prepare(env: WorkerEnv, store: ArtifactStore, config: dict) -> WorkerRun:
     if data.eval_rows:
         index = eval_index(store.read_table(config["sids_path"], columns=["item_id", "codes"]),
                            config["codebook_size"])
-    return WorkerRun(env, tokenizer, pad_id, data, plan, parts, state, resumed_from, index)
+    return WorkerRun(env, tokenizer, pad_id, data, plan, parts, state, resumed_from, state["global_step"], index)
 
 
 def log_start(w: WorkerRun) -> None:
     env, d, p = w.env, w.data, w.plan
     env.info("start: world=%d strategy=%s%s train_examples=%d (skipped %d) val_examples=%d steps/epoch=%d "
-             "total_steps=%d trainable=%s vocab_rows=%d resumed_from_epoch=%d", env.world, env.strategy,
+             "total_steps=%d trainable=%s vocab_rows=%d resumed_from_epoch=%d resumed_from_step=%d", env.world,
+             env.strategy,
              " +lora" if env.tcfg.lora else "", len(d.train), d.skipped, len(d.val), p.steps_per_epoch,
-             p.total_steps, f"{w.parts.trainable:,}", w.parts.vocab_rows, w.resumed_from)
+             p.total_steps, f"{w.parts.trainable:,}", w.parts.vocab_rows, w.resumed_from, w.resumed_step)
+
+
+def step_checkpoint(w: WorkerRun) -> None:
+    """A checkpoint inside an epoch, for resuming: no validation, never the exported model.
+
+    Its ``val_loss`` is +inf so Ray's keep-the-best policy ranks it last (the latest is kept regardless).
+    """
+    env, state = w.env, w.state
+    tmp = write_checkpoint(w.parts, env, w.tokenizer, state)
+    if env.rank == 0:
+        write_state(tmp, state)
+    env.info("step %d: resume checkpoint (epoch %d, step %d of it)", state["global_step"], state["epoch"] + 1,
+             state["epoch_step"])
+    report_checkpoint(env, {"step": state["global_step"], "epoch": state["epoch"], "val_loss": float("inf"),
+                            "partial_epoch": True}, tmp, checkpoint_tag(state))
 
 
 def run_epoch(w: WorkerRun, epoch: int, crash_at: int, progress: ProgressSink | None = None) -> None:
     """Train one epoch, validate, checkpoint (rank 0: + the next-item check and the history) and report."""
     env, state = w.env, w.state
-    res = train_epoch(env, w.parts, w.data, w.plan, state, epoch, w.pad_id, w.resumed_from, crash_at, progress)
+    res = train_epoch(env, w.parts, w.data, w.plan, state, epoch, w.pad_id, w.resumed_from, crash_at, progress,
+                      checkpoint=lambda: step_checkpoint(w))
     tokens_all, loss_sum, micro_all = all_reduce_sum([res.tokens, res.loss, res.micro], env.device)
     val_loss = validation_loss(w.parts.module, w.data.val, w.pad_id, env)
-    state.update(epoch=epoch + 1, world_size=env.world, strategy=env.tcfg.strategy,
+    state.update(epoch=epoch + 1, epoch_step=0, world_size=env.world, strategy=env.tcfg.strategy,
                  tokens=state.get("tokens", 0) + int(tokens_all))
     metrics: dict[str, Any] = {
         "epoch": epoch + 1, "step": state["global_step"], "train_loss": loss_sum / max(micro_all, 1),
@@ -130,7 +148,7 @@ def run_epoch(w: WorkerRun, epoch: int, crash_at: int, progress: ProgressSink | 
         "train_seconds": res.seconds, "resumed_from_epoch": w.resumed_from, "starts": state["starts"],
         "world_size": env.world, "vocab_rows": w.parts.vocab_rows, "skipped_examples": w.data.skipped,
     }
-    tmp = write_checkpoint(w.parts, env, w.tokenizer, state, epoch)
+    tmp = write_checkpoint(w.parts, env, w.tokenizer, state)
     if env.rank == 0 and w.index is not None:  # the other ranks wait in report
         metrics.update(next_item_check(env, w.parts.module, w.tokenizer, w.index, w.data.eval_rows,
                                        os.path.join(tmp, "model")))
@@ -140,7 +158,7 @@ def run_epoch(w: WorkerRun, epoch: int, crash_at: int, progress: ProgressSink | 
     hr = f" hr@{TOP_K} {metrics[f'hr@{TOP_K}']:.4f}" if f"hr@{TOP_K}" in metrics else ""
     env.info("epoch %d val_loss %.4f train_loss %.4f tokens/s %.0f%s", metrics["epoch"], val_loss,
              metrics["train_loss"], metrics["tokens_per_s"], hr)
-    report_epoch(env, metrics, tmp, epoch)
+    report_checkpoint(env, metrics, tmp, checkpoint_tag(state))
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -171,4 +189,5 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if env.rank != 0:
         return None
     return {"history": state["history"], "log": state["log"], "val_loss_before": state["val_loss_before"],
-            "global_step": state["global_step"], "starts": state["starts"], "resumed_from_epoch": w.resumed_from}
+            "global_step": state["global_step"], "starts": state["starts"], "resumed_from_epoch": w.resumed_from,
+            "resumed_from_step": w.resumed_step}
