@@ -4,6 +4,8 @@ random item) and title -> SID (share of exact catalog titles whose item is in th
 search, beam 20). Next-item quality (HR/NDCG vs most-popular and SASRec) is `sidrec eval`.
 
     python bench/train_quality.py --config tiny-cpu smollm2-cpu [--items 300]
+    python bench/train_quality.py --config amazon-industrial-cold smollm2-cpu \
+        --stores artifacts/amazon-industrial-cold-text -       # a store other than the config's (- = its own)
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def token_f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def alignment_quality(name: str, overrides: list[str], n_items: int, seed: int) -> dict:
+def alignment_quality(name: str, overrides: list[str], n_items: int, seed: int, store_root: str | None = None
+                      ) -> dict:
     """SID -> title and title -> SID of one config's trained model (same seeded items for every config)."""
     import torch
 
@@ -39,6 +42,8 @@ def alignment_quality(name: str, overrides: list[str], n_items: int, seed: int) 
     from sidrec.recommender import Recommender
     from sidrec.store import ArtifactStore
 
+    if store_root:
+        overrides = [*overrides, f"store.root={store_root}"]
     cfg = load_config(name, overrides)
     store = ArtifactStore(cfg.store.root)
     sid_of, titles = store.sid_map(), store.titles()
@@ -67,7 +72,7 @@ def alignment_quality(name: str, overrides: list[str], n_items: int, seed: int) 
             found += item in {i for h in hits for i in h.items}
     n = len(items)
     return {
-        "config": name, "overrides": overrides, "items": n, "model_version": store.require("model")["version"],
+        "config": name, "store": cfg.store.root, "overrides": overrides, "items": n, "model_version": store.require("model")["version"],
         "base": store.require("base_model")["config"].get("base"),
         "sid_to_title": {"exact_match": exact / n, "token_f1": f1 / n, "chance_exact_match": 1 / len(sid_of),
                          "chance_token_f1": chance_f1 / n},
@@ -79,6 +84,8 @@ def alignment_quality(name: str, overrides: list[str], n_items: int, seed: int) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", nargs="+", default=["tiny-cpu"], help="configs whose stores hold trained models")
+    ap.add_argument("--stores", nargs="+", default=None,
+                    help="store roots, one per --config (- = the config's own); default: the configs' own")
     ap.add_argument("--items", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -89,13 +96,17 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = [alignment_quality(name, args.overrides, args.items, args.seed) for name in args.config]
+    stores = args.stores or ["-"] * len(args.config)
+    if len(stores) != len(args.config):
+        ap.error(f"--stores needs one root per --config ({len(args.config)}), got {len(stores)}")
+    results = [alignment_quality(name, args.overrides, args.items, args.seed, None if root == "-" else root)
+               for name, root in zip(args.config, stores, strict=True)]
     print(f"alignment on {args.items} seeded catalog items (seed {args.seed})")
-    print("| config | SID->title exact | token F1 | chance F1 | title->SID in top 5 | chance | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| config | store | SID->title exact | token F1 | chance F1 | title->SID in top 5 | chance | s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         a, b = r["sid_to_title"], r["title_to_sid"]
-        print(f"| {r['config']} | {a['exact_match']:.3f} | {a['token_f1']:.3f} | {a['chance_token_f1']:.3f} | "
+        print(f"| {r['config']} | {r['store']} | {a['exact_match']:.3f} | {a['token_f1']:.3f} | {a['chance_token_f1']:.3f} | "
               f"{b['top5']:.3f} | {b['chance_top5']:.4f} | {r['seconds']} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "train_quality.json"
