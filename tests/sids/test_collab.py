@@ -27,9 +27,11 @@ def fit(items, text, hists, tgts, **kw) -> CollabVectors:
 
 
 def test_pairs_are_the_window_before_each_target_nearer_weighing_more():
-    pairs = cooccurrence_pairs([["x", "y", "z"]], ["t"], window=2)
-    assert pairs == [("t", "z", 1.0), ("t", "y", 0.5)]
-    assert cooccurrence_pairs([["t"]], ["t"], window=2) == []  # a repeat is no pair
+    row_of = {"t": 0, "x": 1, "y": 2, "z": 3}
+    a, b, w = cooccurrence_pairs([["x", "y", "z"]], ["t"], window=2, row_of=row_of)
+    assert a.tolist() == [0, 0] and b.tolist() == [3, 2] and w.tolist() == [1.0, 0.5]
+    assert len(cooccurrence_pairs([["t"]], ["t"], window=2, row_of=row_of)[0]) == 0  # a repeat is no pair
+    assert len(cooccurrence_pairs([["x", "q"]], ["p"], window=2, row_of=row_of)[0]) == 0  # outside the catalog
 
 
 def test_items_clicked_together_get_close_vectors_the_others_do_not():

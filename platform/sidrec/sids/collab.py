@@ -32,36 +32,41 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
-def cooccurrence_pairs(histories: Sequence[Sequence[str]], targets: Sequence[str], window: int
-                       ) -> list[tuple[str, str, float]]:
-    """(target, earlier item, 1 / distance) for the last ``window`` history items of every example.
+def cooccurrence_pairs(histories: Sequence[Sequence[str]], targets: Sequence[str], window: int,
+                       row_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(target rows, earlier-item rows, 1 / distance) for the last ``window`` history items of every example,
+    as int32 / int32 / float32 arrays (rows of ``row_of``; pairs with an item outside it are dropped).
 
     Each train item is the target of one example whose history precedes it, so every pair of items at most
     ``window`` apart in a user's sequence is counted once, nearer pairs more.
     """
-    out = []
+    a, b, w = [], [], []
     for h, t in zip(histories, targets, strict=True):
+        rt = row_of.get(t)
+        if rt is None:
+            continue
         for d, prev in enumerate(reversed(list(h)[-window:]), start=1):
-            if prev != t:
-                out.append((t, prev, 1.0 / d))
-    return out
+            rp = row_of.get(prev)
+            if rp is not None and rp != rt:
+                a.append(rt)
+                b.append(rp)
+                w.append(1.0 / d)
+    return np.asarray(a, np.int32), np.asarray(b, np.int32), np.asarray(w, np.float32)
 
 
-def svd_vectors(item_ids: Sequence[str], pairs: Sequence[tuple[str, str, float]], dim: int, seed: int
+def svd_vectors(n: int, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], dim: int, seed: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors [N, dim'] float32 unit rows, observed [N] bool): PPMI of the symmetric co-occurrence, SVD.
+    """(vectors [n, dim'] float32 unit rows, observed [n] bool): PPMI of the symmetric co-occurrence, SVD.
 
-    dim' = min(dim, N - 2). A row with no co-occurrence is all zeros and not observed.
+    ``pairs``: `cooccurrence_pairs`'s arrays. dim' = min(dim, n - 2). A row with no co-occurrence is all zeros
+    and not observed.
     """
     import scipy.sparse as sp
     from scipy.sparse.linalg import svds
 
-    n = len(item_ids)
-    row_of = {i: r for r, i in enumerate(item_ids)}
-    rows = [row_of[a] for a, b, _ in pairs if a in row_of and b in row_of]
-    cols = [row_of[b] for a, b, _ in pairs if a in row_of and b in row_of]
-    vals = [w for a, b, w in pairs if a in row_of and b in row_of]
-    c = sp.coo_matrix((vals + vals, (rows + cols, cols + rows)), shape=(n, n), dtype=np.float64).tocsr()
+    rows, cols, vals = pairs
+    c = sp.coo_matrix((np.concatenate([vals, vals]).astype(np.float64),
+                       (np.concatenate([rows, cols]), np.concatenate([cols, rows]))), shape=(n, n)).tocsr()
     c.sum_duplicates()
     deg = np.asarray(c.sum(axis=1)).ravel()
     observed = deg > 0
@@ -113,7 +118,8 @@ class CollabVectors:
             ) -> CollabVectors:
         """Vectors of every item (text [N, D] in ``item_ids`` order) from the train examples."""
         ids = list(item_ids)
-        vec, observed = svd_vectors(ids, cooccurrence_pairs(histories, targets, window), dim, seed)
+        row_of = {i: r for r, i in enumerate(ids)}
+        vec, observed = svd_vectors(len(ids), cooccurrence_pairs(histories, targets, window, row_of), dim, seed)
         if (~observed).any():
             vec[~observed] = impute(text[~observed], text[observed], vec[observed], neighbours)
         return cls(ids, vec, observed, weight, neighbours)
