@@ -9,7 +9,8 @@ For beam 20 and each batch size, on the same prompts (Amazon test examples rende
 prefix_allowed_tokens_fn)``; (c) the floor = the model's bare forward passes: the prompt prefilled once per
 request, the KV cache repeated to the beams, then one step per remaining SID level, no masking or search.
 Reports recommendations/s, ms per request, ratios, and whether (a) and (b) return identical top-10 items.
-``--threads`` takes several torch thread counts (one row each); ``--exclude-history`` makes (a) and (b)
+``--breakdown`` splits (a) into its forward passes and the search around them, with the search's tensor ops per
+request. ``--threads`` takes several torch thread counts (one row each); ``--exclude-history`` makes (a) and (b)
 exclude each request's history items, as the served path does (the floor is the same either way).
 ``--baseline REV`` adds (d): ``SidDecoder`` as ``platform/sidrec/decode/beam.py`` was at git revision REV
 (read with ``git show``; it must use SidIndex methods that still exist), over an index without dense tables
@@ -95,6 +96,57 @@ def baseline_decoder(rev: str, model, rec: Recommender, store_root: str, beams: 
     return module.SidDecoder(model, rec.tokenizer, index, num_beams=beams)
 
 
+@torch.no_grad()
+def breakdown(model, dec: SidDecoder, prompts: list[list[int]], exclude: list[set[str]] | None, k: int,
+              reps: int) -> dict:
+    """Where ``SidDecoder.search``'s time goes besides the model: its own forward passes (timed by hooks on
+    the model: they are the floor's work), and the rest, the search. A second pass under ``torch.profiler``
+    counts the tensor ops the search runs outside the forward passes (per request) and names the commonest;
+    the profiler inflates op times, so only its counts are reported."""
+    spans: list[float] = []   # one per forward call: its seconds
+    marks: list = []          # the open "model.forward" profiler range, while profiling
+    prof_on = [False]
+
+    def pre(_m, _a, _kw):
+        spans.append(-time.perf_counter())
+        if prof_on[0]:
+            marks.append(torch.autograd.profiler.record_function("model.forward").__enter__())
+
+    def post(_m, _a, _kw, _out):
+        spans[-1] += time.perf_counter()
+        if marks:
+            marks.pop().__exit__(None, None, None)
+
+    hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
+             model.register_forward_hook(post, with_kwargs=True)]
+    try:
+        best = None
+        for _ in range(reps):
+            spans.clear()
+            t = time.perf_counter()
+            dec.search(prompts, k=k, exclude=exclude)
+            total = time.perf_counter() - t
+            if best is None or total < best[0]:
+                best = (total, sum(spans), len(spans))
+        prof_on[0] = True
+        with torch.profiler.profile() as prof:
+            dec.search(prompts, k=k, exclude=exclude)
+        prof_on[0] = False
+    finally:
+        for h in hooks:
+            h.remove()
+    outside: dict[str, int] = {}
+    for e in prof.events():
+        if e.cpu_parent is None and e.name != "model.forward":
+            outside[e.name] = outside.get(e.name, 0) + 1
+    total, fwd, calls = best
+    n = len(prompts)
+    return {"total_ms_per_req": 1000 * total / n, "forward_ms_per_req": 1000 * fwd / n, "forward_calls": calls,
+            "search_ms_per_req": 1000 * (total - fwd) / n, "search_share": (total - fwd) / total,
+            "search_ops_per_req": sum(outside.values()) / n,
+            "commonest_search_ops": dict(sorted(outside.items(), key=lambda kv: -kv[1])[:8])}
+
+
 def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecoder, name: str,
                prompts: list[list[int]], exclude: list[set[str]] | None, base=None) -> dict:
     """One (model, threads, batch) cell: ours, the floor, the baseline decoder (``base``, if any) and
@@ -120,6 +172,7 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
     if run_hf:
         same = [[i for h in a for i in h.items] for a in outs["ours"]] == [
             [i for h in b for i in h.items] for b in outs["hf"]]
+    split = breakdown(model, dec, prompts, exclude, args.k, args.reps) if args.breakdown else None
     return {
         "model": name, "arch": model.config.model_type, "batch": bs,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -133,6 +186,7 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
         **({"baseline_ms_per_req": 1000 * best["baseline"] / bs, "baseline_ratio_to_floor": best["baseline"] / t_floor,
             "baseline_same_top10": [[i for h in a for i in h.items] for a in outs["baseline"]] == [
                 [i for h in b for i in h.items] for b in outs["ours"]]} if base is not None else {}),
+        **({"breakdown": split} if split is not None else {}),
     }
 
 
@@ -156,6 +210,9 @@ def main() -> None:
                     help="exclude each request's history items from its answer (as Serve does)")
     ap.add_argument("--baseline", metavar="REV", default=None,
                     help="also time beam.py as it was at this git revision (e.g. 94034fc), interleaved")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also split sidrec's time into its forward passes and the search, with the search's "
+                         "tensor-op count per request (torch.profiler)")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
 
@@ -192,6 +249,15 @@ def main() -> None:
               f"{r['sidrec_recs_per_s']:>12.1f} "
               f"{r['sidrec_ms_per_req']:>13.1f} {hf:>10} {r['floor_ms_per_req']:>12.1f} {sp:>7} "
               f"{r['ratio_to_floor']:>6.2f}x {str(r['identical_top10']):>10}{base}")
+    if args.breakdown:
+        print(f"\n{'model':6} {'thr':>3} {'batch':>5} {'total ms/req':>12} {'forward':>8} {'search':>7} "
+              f"{'search %':>8} {'ops/req':>8}  commonest search ops")
+        for r in rows:
+            b = r["breakdown"]
+            ops = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in list(b["commonest_search_ops"].items())[:5])
+            print(f"{r['model']:6} {r['threads']:>3} {r['batch']:>5} {b['total_ms_per_req']:>12.2f} "
+                  f"{b['forward_ms_per_req']:>8.2f} {b['search_ms_per_req']:>7.2f} {100 * b['search_share']:>7.1f}% "
+                  f"{b['search_ops_per_req']:>8.1f}  {ops}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
     print(f"\nwrote {args.out}")
