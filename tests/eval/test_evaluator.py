@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sidrec.config import ConfigError, EvalConfig
-from sidrec.eval.metrics import hr_ndcg, target_ranks
+from sidrec.eval.metrics import hr_ndcg, personalization, target_ranks
 from sidrec.eval.report import format_table
 from sidrec.stages import eval as evaluation
 from sidrec.store import ArtifactStore
@@ -30,6 +30,17 @@ def test_hr_ndcg_hand_computed():
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 5)
     with pytest.raises(ValueError, match="no examples"):
         hr_ndcg(np.array([]))
+
+
+def test_personalization_hand_computed():
+    same = [["a", "b"], ["b", "a"], ["a", "b"]]
+    assert personalization(same) == 0.0  # one list for everyone, in any order
+    assert personalization([["a", "b"], ["c", "d"]]) == 1.0
+    assert personalization([["a", "b"], ["a", "c"], ["d", "e"]]) == pytest.approx(1 - (0.5 + 0 + 0) / 3)
+    assert personalization([["a"]]) is None
+    many = [[str(i % 2)] for i in range(300)]  # 44,850 pairs > max_pairs: a seeded sample, about half shared
+    assert personalization(many, max_pairs=2_000) == pytest.approx(0.5, abs=0.05)
+    assert personalization(many, max_pairs=2_000) == personalization(many, max_pairs=2_000)
 
 
 def test_eval_config_validation_names_the_option():
@@ -75,6 +86,7 @@ def test_eval_stage_end_to_end(trained_store):
     assert hr_ndcg(ranks) == pytest.approx(report["models"]["sid-llm"])
     assert all(len(p["sid-llm"]) == 10 for p in preds)
     assert 0 <= report["unconstrained_invalid_share"] <= 1
+    assert report["personalization"]["sid-llm"] == pytest.approx(personalization([p["sid-llm"] for p in preds]))
     md = store.read_bytes(f"{path}/report.md").decode()
     assert format_table(report) in md and "| sasrec |" in md
     assert store.read_bytes(f"{path}/chart.png")[:4] == b"\x89PNG"

@@ -31,7 +31,7 @@ from sidrec.console import ProgressSink
 from sidrec.data.cold_start import cold_items, enabled, without
 from sidrec.eval.baselines import ContentBaseline, MostPopular, train_sasrec
 from sidrec.eval.cold import add_to, cold_report, cold_sids_on_ray
-from sidrec.eval.metrics import hr_ndcg, target_ranks
+from sidrec.eval.metrics import hr_ndcg, personalization, target_ranks
 from sidrec.recommender import Recommender
 from sidrec.sids.embed import read_embeddings
 from sidrec.store import ArtifactStore
@@ -193,6 +193,8 @@ def evaluate(store: ArtifactStore, cfg: SidrecConfig) -> tuple[dict, pa.Table]:
         "decode": {"num_beams": ecfg.num_beams, "scoring": ecfg.scoring, "exclude_history": ecfg.exclude_history,
                    **({"new_item_slots": ecfg.new_item_slots} if added is not None else {})},
         "models": {name: hr_ndcg(target_ranks(top, targets)) for name, top in columns.items()},
+        # how much the lists depend on the history: 0 = everyone gets the same list
+        "personalization": {name: personalization(top) for name, top in columns.items()},
         "seconds": timings,
         "unconstrained_invalid_share": 1.0 - float(np.mean(free_valid)) if free_valid else None,
         "unconstrained_examples": min(ecfg.unconstrained_sample, examples.num_rows),

@@ -26,3 +26,23 @@ def hr_ndcg(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
         out[f"hr@{k}"] = float(hit.mean())
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks.clip(min=0) + 2.0), 0.0).mean())
     return out
+
+
+def personalization(recommendations: list[list[str]], max_pairs: int = 20_000, seed: int = 0) -> float | None:
+    """1 - the mean share of items two users' lists have in common (|A & B| / max(|A|, |B|)), over every pair
+    of lists or a seeded sample of ``max_pairs`` pairs: 0 when every history gets the same list (a
+    most-popular ranking without exclusions), near 1 when no two lists share an item. None for < 2 lists."""
+    n = len(recommendations)
+    if n < 2:
+        return None
+    sets = [set(r) for r in recommendations]
+    if n * (n - 1) // 2 <= max_pairs:
+        a, b = np.triu_indices(n, k=1)
+    else:
+        rng = np.random.default_rng(seed)
+        a, b = rng.integers(0, n, size=(2, max_pairs))
+        keep = a != b
+        a, b = a[keep], b[keep]
+    shared = [len(sets[i] & sets[j]) / max(len(sets[i]), len(sets[j]), 1) for i, j in zip(a.tolist(), b.tolist(),
+                                                                                          strict=True)]
+    return 1.0 - float(np.mean(shared))

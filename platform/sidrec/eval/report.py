@@ -52,6 +52,10 @@ def markdown(report: dict) -> str:
     if report.get("unconstrained_invalid_share") is not None:
         tail = (f"\n\nUnconstrained beam search (no trie), {report['unconstrained_examples']} examples: "
                 f"{report['unconstrained_invalid_share']:.1%} of the top-10 outputs are not real items.\n")
+    if report.get("personalization"):
+        tail += ("\n\nPersonalization (1 - the mean share of top-10 items two test users' lists have in common; 0 = "
+                 "one list for everyone): " + ", ".join(f"{name} {v:.3f}" for name, v in report["personalization"].items()
+                                                        if v is not None) + ".\n")
     cold = format_cold_start(report)
     return head + format_table(report) + tail + (f"\n{cold}\n" if cold else "") + "\n"
 
