@@ -153,7 +153,7 @@ def bench_cell(args: argparse.Namespace, rec: Recommender, model, dec: SidDecode
     (where affordable) HF, interleaved."""
     bs = len(prompts)
     dec.search(prompts[:1], k=args.k)  # warm-up
-    run_hf = name == "store" or bs <= args.hf_max_batch_large
+    run_hf = bs <= (args.hf_max_batch_store if name == "store" else args.hf_max_batch_large)
     fns = {
         "ours": lambda: dec.search(prompts, k=args.k, exclude=exclude),
         "floor": lambda: floor(model, prompts, args.beams, rec.index.levels, dec.pad_id),
@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (best is kept)")
     ap.add_argument("--hf-reps", type=int, default=1,
                     help="timed repetitions of the (5-15x slower) HF reference on the store's model")
+    ap.add_argument("--hf-max-batch-store", type=int, default=1024,
+                    help="largest batch the HF reference runs on the store's model (e.g. 1 for SmolLM2 on CPU)")
     ap.add_argument("--hf-max-batch-large", type=int, default=8,
                     help="largest batch the (slow) HF reference runs on the large model; CPU time guard")
     ap.add_argument("--threads", type=int, nargs="+", default=[1],

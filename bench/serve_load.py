@@ -316,6 +316,8 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int, object
         runs.append((f"percall@{c}", "percall", "same, one call per request, @serve.batch", c, None))
         for v in args.extra_coalesce:
             runs.append((f"coalesce{v}@{c}", f"coalesce{v}", f"same, coalesce_in_flight={v}", c, None))
+        for v in args.extra_hold:
+            runs.append((f"hold{v:g}@{c}", f"hold{v:g}", f"same, batch_wait_timeout_s={v:g}", c, None))
         runs.append((f"single@{c}", "single", "no batching (max_batch_size=1)", c, None))
     kc, third = args.kill_clients, args.kill_seconds / 3
     runs.append((f"kill@{kc}", "kill", f"2 replicas, batched, one killed at t={third:.0f}s", kc,
@@ -399,6 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run the kill with the ingress's retries off (2 more replicas, one more run)")
     p.add_argument("--extra-coalesce", type=int, nargs="*", default=[],
                    help="more batched apps with these coalesce_in_flight values (ServeAppConfig), side by side")
+    p.add_argument("--extra-hold", type=float, nargs="*", default=[],
+                   help="more batched apps with these batch_wait_timeout_s values (the replica's hold), side by side")
     p.add_argument("--planes", nargs="+", default=["throughput", "proxy"], choices=["throughput", "proxy"],
                    help="Serve data planes to measure, each on a local Ray of its own (sidrec.cluster.SERVE_PLANES)")
     p.add_argument("--plane-child", default=None, help=argparse.SUPPRESS)  # internal: serve one plane, write runs
@@ -428,7 +432,7 @@ def serve_plane(args: argparse.Namespace, plane: str) -> dict:
 
     store = args.store
     items = catalog_ids(store)
-    ray.init(num_cpus=7 + len(args.extra_coalesce), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=7 + len(args.extra_coalesce) + len(args.extra_hold), include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     one_cpu, half_cpu = 1.0, 0.5
@@ -444,6 +448,8 @@ def serve_plane(args: argparse.Namespace, plane: str) -> dict:
             "percall": build_app({**batched, "num_cpus": one_cpu, "coalesce_in_flight": 0}),
             **{f"coalesce{v}": build_app({**batched, "num_cpus": one_cpu, "coalesce_in_flight": v})
                for v in args.extra_coalesce},
+            **{f"hold{v:g}": build_app({**batched, "num_cpus": one_cpu, "batch_wait_timeout_s": v})
+               for v in args.extra_hold},
             "single": build_app({**common, "max_batch_size": 1, "num_cpus": one_cpu}),
             "kill": build_app({**batched, "num_cpus": half_cpu, "num_replicas": 2}),
         }

@@ -176,3 +176,21 @@ def test_the_load_estimate_forgets_an_old_peak():
 def test_bad_hold_is_refused():
     with pytest.raises(ValueError, match="hold_s must be >= 0"):
         Coalescer(Recorder(), max_group=1, in_flight=1, hold_s=-1)
+
+
+def test_hold_never_waits_when_the_load_is_more_than_one_group():
+    """5 outstanding at once with groups of at most 2: a backlog fills every group, so a short one leaves
+    at once instead of holding for a full one."""
+
+    async def main() -> float:
+        send = Instant()
+        c = Coalescer(send, max_group=2, in_flight=1, hold_s=2.0)
+        await asyncio.gather(*(c(i) for i in range(5)))
+        assert c.expected() == 5
+        t = time.perf_counter()
+        assert await c(7) == 70
+        waited = time.perf_counter() - t
+        await c.close()
+        return waited
+
+    assert asyncio.run(main()) < 0.5

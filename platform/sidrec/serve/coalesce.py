@@ -19,8 +19,10 @@ class Coalescer:
     an item leaves alone at once; under load, the items that queued during a call leave together.
 
     With ``hold_s > 0`` a group smaller than the expected load (the most items outstanding at once, arrival
-    to reply, over the last one to two ``window_s``) waits up to ``hold_s`` for more to arrive. With 8
-    closed-loop clients that is the 8 requests; with one client it is the one, which leaves at once.
+    to reply, over the last one to two ``window_s``) waits up to ``hold_s`` for more to arrive, when that load
+    fits in one group (``max_group``); a larger load leaves a backlog that fills the groups anyway, so there
+    it never waits. With 8 closed-loop clients that is the 8 requests; with one client it is the one, which
+    leaves at once.
     ``max_group`` and ``hold_s`` may be changed at any time (they apply from the next group)."""
 
     def __init__(self, send_many: Callable[[list[Any]], Awaitable[list[Any]]], max_group: int, in_flight: int,
@@ -75,7 +77,10 @@ class Coalescer:
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.hold_s
-        target = min(self.max_group, self.expected())
+        target = self.expected()
+        if target > self.max_group:  # more load than one group: a backlog keeps the groups full, never wait
+            self._take_waiting(group)
+            return
         while True:
             self._arrived.clear()  # before taking: an arrival after the take sets it again
             self._take_waiting(group)
