@@ -9,12 +9,10 @@ the batch size Serve formed.
 Each Serve data plane of ``--planes`` (``sidrec.cluster.SERVE_PLANES``: ``throughput``, Ray's HAProxy + direct
 ingress + gRPC mode, sidrec's default; ``proxy``, Serve's Python proxy actor) gets a local Ray of its own, in a
 child process of this script started with that plane's environment, one plane after the other. On each, the
-applications below are deployed side by side (7 logical CPUs so that all of them fit; only one is under load at a
+applications below are deployed side by side (6 logical CPUs so that all of them fit; only one is under load at a
 time, the others sit idle):
 
 * ``batched``:  1 Recommender replica (1 CPU), ``max_batch_size`` 16;
-* ``nohold``:   the same, with the replica's hold off (``batch_wait_timeout_s=0``): a batch is whatever waits
-  when the model is free, the path before the hold;
 * ``percall``:  the same, with the ingress's coalescing off (``coalesce_in_flight=0``: one call per request);
 * ``single``:   1 Recommender replica (1 CPU), ``max_batch_size`` 1 (no batching: a coalesced group is
   decoded one request after another);
@@ -312,12 +310,9 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int, object
     for c in args.clients:
         runs.append((f"batched@{c}", "batched", f"coalesced (default), max_batch_size={args.max_batch_size}", c,
                      None))
-        runs.append((f"nohold@{c}", "nohold", "same, no hold (batch_wait_timeout_s=0: the path before)", c, None))
         runs.append((f"percall@{c}", "percall", "same, one call per request, @serve.batch", c, None))
         for v in args.extra_coalesce:
             runs.append((f"coalesce{v}@{c}", f"coalesce{v}", f"same, coalesce_in_flight={v}", c, None))
-        for v in args.extra_hold:
-            runs.append((f"hold{v:g}@{c}", f"hold{v:g}", f"same, batch_wait_timeout_s={v:g}", c, None))
         runs.append((f"single@{c}", "single", "no batching (max_batch_size=1)", c, None))
     kc, third = args.kill_clients, args.kill_seconds / 3
     runs.append((f"kill@{kc}", "kill", f"2 replicas, batched, one killed at t={third:.0f}s", kc,
@@ -401,8 +396,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run the kill with the ingress's retries off (2 more replicas, one more run)")
     p.add_argument("--extra-coalesce", type=int, nargs="*", default=[],
                    help="more batched apps with these coalesce_in_flight values (ServeAppConfig), side by side")
-    p.add_argument("--extra-hold", type=float, nargs="*", default=[],
-                   help="more batched apps with these batch_wait_timeout_s values (the replica's hold), side by side")
     p.add_argument("--planes", nargs="+", default=["throughput", "proxy"], choices=["throughput", "proxy"],
                    help="Serve data planes to measure, each on a local Ray of its own (sidrec.cluster.SERVE_PLANES)")
     p.add_argument("--plane-child", default=None, help=argparse.SUPPRESS)  # internal: serve one plane, write runs
@@ -432,7 +425,7 @@ def serve_plane(args: argparse.Namespace, plane: str) -> dict:
 
     store = args.store
     items = catalog_ids(store)
-    ray.init(num_cpus=7 + len(args.extra_coalesce) + len(args.extra_hold), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6 + len(args.extra_coalesce), include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     one_cpu, half_cpu = 1.0, 0.5
@@ -444,12 +437,9 @@ def serve_plane(args: argparse.Namespace, plane: str) -> dict:
         batched = {**common, "max_batch_size": args.max_batch_size}
         apps = {
             "batched": build_app({**batched, "num_cpus": one_cpu}),
-            "nohold": build_app({**batched, "num_cpus": one_cpu, "batch_wait_timeout_s": 0}),
             "percall": build_app({**batched, "num_cpus": one_cpu, "coalesce_in_flight": 0}),
             **{f"coalesce{v}": build_app({**batched, "num_cpus": one_cpu, "coalesce_in_flight": v})
                for v in args.extra_coalesce},
-            **{f"hold{v:g}": build_app({**batched, "num_cpus": one_cpu, "batch_wait_timeout_s": v})
-               for v in args.extra_hold},
             "single": build_app({**common, "max_batch_size": 1, "num_cpus": one_cpu}),
             "kill": build_app({**batched, "num_cpus": half_cpu, "num_replicas": 2}),
         }

@@ -54,12 +54,12 @@ def test_offline_rate_is_interpolated_between_batch_sizes(sl):
 
 
 def test_plan_interleaves_steady_runs_and_kills_last(sl):
-    args = SimpleNamespace(clients=[1, 8], extra_coalesce=[2], extra_hold=[], kill_clients=8, kill_seconds=21.0, max_batch_size=16,
+    args = SimpleNamespace(clients=[1, 8], extra_coalesce=[2], kill_clients=8, kill_seconds=21.0, max_batch_size=16,
                            kill_without_retries=True)
     keys = [k for k, *_ in sl.plan_runs(args)]
-    assert keys == ["batched@1", "nohold@1", "percall@1", "coalesce2@1", "single@1", "batched@8", "nohold@8",
-                    "percall@8", "coalesce2@8", "single@8", "kill@8", "kill0@8"]
-    assert [r[4] is None for r in sl.plan_runs(args)] == [True] * 10 + [False] * 2
+    assert keys == ["batched@1", "percall@1", "coalesce2@1", "single@1", "batched@8", "percall@8", "coalesce2@8",
+                    "single@8", "kill@8", "kill0@8"]
+    assert [r[4] is None for r in sl.plan_runs(args)] == [True] * 8 + [False] * 2
 
 
 class _Proc:

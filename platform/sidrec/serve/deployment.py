@@ -36,7 +36,7 @@ from sidrec.serve.coalesce import Coalescer
 from sidrec.serve.handling import Reply, admin_key, check_api_key, item_info, run_recommend, run_search
 from sidrec.serve.items import ReplicaCatalog, open_session
 from sidrec.serve.schemas import error, is_error
-from sidrec.serve.settings import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, ServeSettings
+from sidrec.serve.settings import MAX_BATCH_SIZE, ServeSettings
 from sidrec.serve.ui.listing import HeldOutUsers, search_titles
 from sidrec.store import MANIFEST, ArtifactStore, resolve_fs
 
@@ -103,10 +103,9 @@ class RecommenderDeployment:
         self._batches: dict[Task, list[int]] = {"recommend": [0, 0], "search": [0, 0]}  # [batches, requests]
         self._replica = replica_tag()
         self._catalog = ReplicaCatalog(self._model_lock, self._replica)
-        # coalesced /v1/recommend bodies: the next batch is everything that queued behind the current one,
-        # held up to batch_wait_timeout_s while fewer wait than the recent load (Coalescer's hold)
+        # coalesced /v1/recommend bodies: the next batch is everything that queued behind the current one
         self._decode_queue = Coalescer(lambda reqs: self.run_batch("recommend", reqs), max_group=MAX_BATCH_SIZE,
-                                       in_flight=1, hold_s=BATCH_WAIT_TIMEOUT_S)
+                                       in_flight=1)
         self._batch_size = metrics.Histogram(
             "sidrec_batch_size", description="requests decoded together in one batch",
             boundaries=BATCH_SIZE_BUCKETS, tag_keys=("task",))
@@ -132,7 +131,6 @@ class RecommenderDeployment:
             fn.set_max_batch_size(settings.max_batch_size)
             fn.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._decode_queue.max_group = settings.max_batch_size
-        self._decode_queue.hold_s = settings.batch_wait_timeout_s
         self._note_admin_state(settings)
         try:
             versions = await asyncio.to_thread(store_versions, settings.store_root)
@@ -209,12 +207,12 @@ class RecommenderDeployment:
 
     async def recommend_many(self, requests: list[dict[str, Any]]) -> list[Reply]:
         """Several /v1/recommend bodies (the ingress's coalesced call). They join the replica's decode queue:
-        whatever waits when the model is free is decoded as the next batch (at most ``max_batch_size``), held
-        up to ``batch_wait_timeout_s`` only while fewer wait than the recent load (``Coalescer``)."""
+        whatever waits when the model is free is decoded as the next batch (at most ``max_batch_size``), with
+        no batch wait."""
         out = await asyncio.gather(*(self._decode_queue(r) for r in requests))
         return [o if is_error(o) else {**o, "replica": self._replica} for o in out]
 
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def recommend_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
         return await self.run_batch("recommend", requests)
 
@@ -222,7 +220,7 @@ class RecommenderDeployment:
         """One /v1/items/search body -> response or error reply."""
         return await self.search_batch(request)
 
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def search_batch(self, requests: list[dict[str, Any]]) -> list[Reply]:
         return await self.run_batch("search", requests)
 

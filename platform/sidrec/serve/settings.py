@@ -14,10 +14,9 @@ from typing import ClassVar, Literal
 
 from sidrec.config import NEW_ITEM_SLOTS, NUM_BEAMS, ConfigError, Section, opt
 
-__all__ = ["BATCH_WAIT_TIMEOUT_S", "MAX_BATCH_SIZE", "ServeAppConfig", "ServeSettings"]
+__all__ = ["MAX_BATCH_SIZE", "ServeAppConfig", "ServeSettings"]
 
 MAX_BATCH_SIZE = 16  # requests a replica decodes together; also the most the ingress sends in one call
-BATCH_WAIT_TIMEOUT_S = 0.01  # longest wait for a batch to fill (both batching paths)
 
 
 @dataclass
@@ -34,9 +33,7 @@ class ServeSettings(Section):
                                   "api_key is unset; with neither, the admin endpoints answer 403")
     max_batch_size: int = opt(MAX_BATCH_SIZE, "most requests decoded together (@serve.batch, a coalesced group)",
                               ge=1, le=1024)
-    batch_wait_timeout_s: float = opt(BATCH_WAIT_TIMEOUT_S, "longest wait for a batch to fill: @serve.batch's "
-                                      "timer; a coalesced batch waits only while fewer requests wait than "
-                                      "recently did at once (0 = never)", ge=0, le=5)
+    batch_wait_timeout_s: float = opt(0.01, "longest wait for a batch to fill", ge=0, le=5)
     torch_threads: int | None = opt(None, "torch threads per replica (default: its CPUs, rounded up)", ge=1)
     reload_token: str | int | None = opt(None, "change it to force a reload of the store")
     catalog_poll_s: float = opt(1.0, "seconds between polls of the store's catalog log", gt=0, le=60)
