@@ -96,7 +96,7 @@ def test_eval_stage_end_to_end(trained_store):
 
 @pytest.fixture(scope="module")
 def quickstart_store(local_ray, tmp_path_factory):
-    """The shipped quickstart config's SIDs and training budget (300 steps), on the real ml-100k."""
+    """The shipped quickstart config's SIDs and training budget (900 steps), on the real ml-100k."""
     from sidrec.config import load_config
     from sidrec.pipeline import run
     from tests.conftest import shared_data
@@ -108,11 +108,10 @@ def quickstart_store(local_ray, tmp_path_factory):
 
 @pytest.mark.slow
 def test_different_histories_get_different_recommendations(quickstart_store):
-    """The quickstart model reads the history: users with unlike histories (sci-fi vs. children's films) do
-    not get the same list, as a popularity model would give them.
-
-    Issue 10 asks for *unlike* lists; at the shipped budget the model is still popularity-led (8 of the 10
-    items shared, measured on this machine), so this only checks that the history changes the answer.
+    """The quickstart model reads the history: users with unlike histories (sci-fi vs. children's films) get
+    unlike lists, not the one list a popularity model gives everyone. Measured on this machine with the
+    shipped 900 steps: 2 of the 10 items shared (Terminator 2, Aliens, Die Hard... against Beauty and the
+    Beast, E.T., The Wizard of Oz...); 5 at the earlier 300 steps.
     """
     from sidrec.recommender import Recommender
 
@@ -121,4 +120,4 @@ def test_different_histories_get_different_recommendations(quickstart_store):
     kids = ["1", "71", "95", "99", "143"]  # Toy Story, The Lion King, Aladdin, Snow White, The Sound of Music
     a, b = rec.top_items([scifi, kids], k=10, exclude_history=True)
     assert len(a) == len(b) == 10 and not (set(a) & set(scifi)) and not (set(b) & set(kids))
-    assert set(a) != set(b), (a, b)
+    assert len(set(a) & set(b)) <= 4, (a, b)
