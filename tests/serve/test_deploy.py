@@ -109,11 +109,17 @@ def test_reconfigure_swaps_the_model_without_failing_requests(trained_store, tmp
 @contextlib.contextmanager
 def _ray_head(tmp: str, env: dict):
     """`ray start --head --block` on free ports, in its own process group; stopped by signalling it."""
-    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
-                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                       "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-                                       "object-manager-port")}
-    low = 20000 + (os.getpid() * 37) % 20000
+    low = 20000 + (os.getpid() * 37) % 20000  # the worker ports: low .. low + 200
+
+    def outside_worker_ports() -> int:  # a free port Ray would refuse if it fell in the worker range
+        while low <= (port := free_port()) <= low + 200:
+            pass
+        return port
+
+    ports = {k: outside_worker_ports() for k in ("port", "dashboard-port", "ray-client-server-port",
+                                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                 "metrics-export-port", "runtime-env-agent-port",
+                                                 "node-manager-port", "object-manager-port")}
     cmd = [*_cli("ray", "from ray.scripts.scripts import main; main()"), "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
            "--temp-dir", tmp, "--min-worker-port", str(low), "--max-worker-port", str(low + 200),
