@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_report(cfg: SidrecConfig, report: dict) -> None:
-    from sidrec.eval.report import format_cold_start, format_table
+    from sidrec.eval.report import format_cold_start, format_personalization, format_table
     from sidrec.eval.report_store import html_report_path
 
     print(f"{report['name']} {report['split']}: {report['examples']} examples, full ranking over "
@@ -87,9 +87,8 @@ def _print_report(cfg: SidrecConfig, report: dict) -> None:
     if report.get("unconstrained_invalid_share") is not None:
         print(f"unconstrained beam search: {report['unconstrained_invalid_share']:.1%} of top-10 outputs "
               f"are not real items ({report['unconstrained_examples']} examples)")
-    if pers := {k: v for k, v in (report.get("personalization") or {}).items() if v is not None}:
-        print("personalization (1 - mean top-10 overlap of two users; 0 = one list for everyone): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in pers.items()))
+    if pers := format_personalization(report):
+        print(pers)
     print(f"run report: {html_report_path(cfg.store.root, cfg.eval.split)}")
 
 

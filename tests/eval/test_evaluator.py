@@ -88,6 +88,7 @@ def test_eval_stage_end_to_end(trained_store):
     assert 0 <= report["unconstrained_invalid_share"] <= 1
     assert report["personalization"]["sid-llm"] == pytest.approx(personalization([p["sid-llm"] for p in preds]))
     md = store.read_bytes(f"{path}/report.md").decode()
+    assert f"sid-llm {report['personalization']['sid-llm']:.3f}" in md
     assert format_table(report) in md and "| sasrec |" in md
     assert store.read_bytes(f"{path}/chart.png")[:4] == b"\x89PNG"
     # unchanged inputs: the stage is skipped

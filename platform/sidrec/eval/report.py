@@ -43,6 +43,15 @@ def format_cold_start(report: dict) -> str:
     return "\n\n".join(out)
 
 
+def format_personalization(report: dict) -> str:
+    """One line: each model's personalization (``sidrec.eval.metrics.personalization``); "" without."""
+    values = {k: v for k, v in (report.get("personalization") or {}).items() if v is not None}
+    if not values:
+        return ""
+    return ("Personalization (1 - the mean share of top-10 items two test users' lists have in common; 0 = one "
+            "list for everyone): " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()) + ".")
+
+
 def markdown(report: dict) -> str:
     head = (f"# {report['name']}: {report['split']} ({report['examples']} examples, full ranking over "
             f"{report['catalog_items']} items)\n\nTrained on: {report['training_data']}. SID-LLM decoding: beam "
@@ -52,10 +61,8 @@ def markdown(report: dict) -> str:
     if report.get("unconstrained_invalid_share") is not None:
         tail = (f"\n\nUnconstrained beam search (no trie), {report['unconstrained_examples']} examples: "
                 f"{report['unconstrained_invalid_share']:.1%} of the top-10 outputs are not real items.\n")
-    if report.get("personalization"):
-        tail += ("\n\nPersonalization (1 - the mean share of top-10 items two test users' lists have in common; 0 = "
-                 "one list for everyone): " + ", ".join(f"{name} {v:.3f}" for name, v in report["personalization"].items()
-                                                        if v is not None) + ".\n")
+    if pers := format_personalization(report):
+        tail += f"\n\n{pers}\n"
     cold = format_cold_start(report)
     return head + format_table(report) + tail + (f"\n{cold}\n" if cold else "") + "\n"
 
