@@ -252,14 +252,17 @@ def test_token_table_and_missing_tokens(setup):
 
 
 @pytest.mark.parametrize("dense", ["all", "top", "none"])
-def test_dense_and_csr_trie_paths_agree_with_hf(setup, monkeypatch, dense):
+@pytest.mark.parametrize("delta", [True, False])
+def test_dense_and_csr_trie_paths_agree_with_hf(setup, monkeypatch, dense, delta):
     """The dense child tables (every depth of a small catalog, the top ones of a large one) and the CSR
-    trie give the same search, with a delta index, retired items and exclusions in play."""
+    trie give the same search, with retired items and exclusions in play, with and without a delta index
+    (dense at every depth and no delta: the walk with the bans folded into its masks)."""
     model, tok, _, prompts, codes, ids = setup
     if dense != "all":  # "top": the root and depth 1 (<= K + 1 rows) dense, deeper depths from the CSR trie
         monkeypatch.setattr(SidIndex, "dense_max_entries", (K + 1) * K if dense == "top" else 0)
-    index = SidIndex.build(codes[:120], ids[:120], codebook_size=K)
-    index.add(codes[120:], ids[120:])
+    index = SidIndex.build(codes[:120] if delta else codes, ids[:120] if delta else ids, codebook_size=K)
+    if delta:
+        index.add(codes[120:], ids[120:])
     index.remove(["i3", "i130", "i77"])
     exclude = [{"i1", "i125"}, set(), {"i0", "i2", "i4"}]
     ours = SidDecoder(model, tok, index).search(prompts[:3], k=10, exclude=exclude)

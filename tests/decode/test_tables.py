@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidrec.decode.exclusion import ban_tables
+from sidrec.decode.exclusion import ban_tables, banned_nodes
 from sidrec.sids.index import SidIndex
 
 
@@ -138,3 +138,36 @@ def test_ban_tables_match_brute_force(seed, K, dedup):
         got = {(r, *row) for r in range(len(exclude)) for row in table[r].tolist() if row[0] >= 0}
         assert got == want, d
     assert ban_tables(index, codes_of, [set(), set()], torch.device("cpu")) == [None] * L
+
+
+@pytest.mark.parametrize(("seed", "K", "dedup"), [(0, 4, False), (1, 4, False), (4, 4, True), (5, 8, True)])
+def test_banned_nodes_are_every_fully_excluded_subtree(seed, K, dedup):
+    """The dense walk's bans: per depth, every node all of whose present SIDs have only excluded items,
+    with retired items in the index and (without dedup) SIDs shared by several items."""
+    rng = np.random.default_rng(seed)
+    codes = _codes(seed, 50, 3, K)
+    if dedup:
+        codes = np.unique(codes, axis=0)
+    ids = [f"i{r}" for r in range(len(codes))]
+    index = SidIndex.build(codes, ids, codebook_size=K)
+    index.remove(ids[::7])
+    codes_of = {i: tuple(int(c) for c in row) for i, row in zip(index.all_item_ids(), index.codes(), strict=True)}
+    present = sorted(codes_of)
+    exclude = [set(rng.choice(present, size=s, replace=False).tolist()) for s in (0, 3, 20, len(present))]
+    leaf_of = dict(zip(index.all_item_ids(), index.row_leaves()[index.live_rows()].tolist(), strict=True))
+    assert all(leaf_of[i] == index.leaves_of(np.array([c]))[0] for i, c in codes_of.items())
+    got = banned_nodes(index, leaf_of, exclude)
+    sids = set(codes_of.values())
+    for d in range(1, 4):
+        want = set()
+        for r, ex in enumerate(exclude):
+            dead = {s for s in sids if set(map(str, index.items_of(s))) <= ex}
+            for p in {s[:d] for s in sids}:
+                if all(s in dead for s in sids if s[:d] == p):
+                    want.add((r, int(index.node_of(torch.tensor([p]))[0])))
+        have = set() if got[d - 1] is None else set(zip(*(a.tolist() for a in got[d - 1]), strict=True))
+        assert have == want, d
+    assert any(got) and banned_nodes(index, leaf_of, [set(), set()]) == [None] * 3
+    index.add(codes[:1], ids[:1])
+    with pytest.raises(ValueError, match="ban_tables"):
+        banned_nodes(index, leaf_of, exclude)

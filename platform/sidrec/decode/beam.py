@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from sidrec.config import NUM_BEAMS, TOP_K
-from sidrec.decode.exclusion import ban_bias, ban_tables
+from sidrec.decode.exclusion import ban_bias, ban_tables, banned_nodes
 from sidrec.sids.index import SidIndex
 from sidrec.sids.tokens import render_sid, sid_token
 
@@ -80,12 +80,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)   # numpy: no tensor op per row
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[row, width - len(p):] = p
         mask[row, width - len(p):] = 1
-    return ids, mask
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def pad_id(tokenizer) -> int:
@@ -132,8 +132,8 @@ class _TrieWalk:
             out = bias if out is None else torch.maximum(out, bias)
         return out
 
-    def advance(self, parent: torch.Tensor, codes: torch.Tensor, depth: int) -> None:
-        """parent [R*B]: the kept beams' rows among the N; codes [R*B, 1]: their new codes."""
+    def advance(self, parent: torch.Tensor, codes: torch.Tensor, flat: torch.Tensor, depth: int) -> None:
+        """parent [R*B]: the kept beams' rows among the N; codes [R*B, 1]: their new codes (``flat``: unused)."""
         for i, (part, ids) in enumerate(zip(self.parts, self.ids, strict=True)):
             nodes = self.nodes[i].index_select(0, parent)
             if ids is None:
@@ -152,6 +152,44 @@ class _TrieWalk:
         """Depth-``depth`` nodes in the sentinel form -> long, -1 where absent."""
         nodes = nodes.long()
         return torch.where(nodes < part.n_nodes(depth), nodes, -1)
+
+
+class _DenseWalk:
+    """``_TrieWalk`` for the common case, a main index (no delta) dense at every depth, with the request's
+    exclusions folded in. Per level: the beams' child-table rows ``child`` [N, K] (node ids one depth down,
+    the sentinel where absent) and one gather of a per-request [R, n + 1] row of 0 / -inf over those nodes,
+    -inf at the sentinel and at the banned nodes (``banned_nodes``): the mask and the bans in two ops, no
+    prefix comparisons. ``advance`` reads the kept beams' next nodes out of ``child`` (one gather)."""
+
+    def __init__(self, tables: list[tuple[torch.Tensor, torch.Tensor]], R: int, device: torch.device,
+                 banned: list[tuple[np.ndarray, np.ndarray] | None] | None):
+        self.ids = tables                   # per depth: (child table as long [n + 1, K], lookup [1, n' + 1])
+        self.R = R
+        self.nodes = torch.zeros(R, dtype=torch.long, device=device)
+        self.child = self.nodes
+        self.lookups = []
+        for depth, (_, lookup) in enumerate(tables):
+            ban = None if banned is None else banned[depth]
+            if ban is None:
+                self.lookups.append(lookup.expand(R, -1))
+            else:  # built in numpy (no tensor op per request), one copy to the device
+                own = np.zeros((R, lookup.shape[1]), dtype=np.float32)
+                own[:, -1] = NEG_INF
+                own[ban] = NEG_INF
+                self.lookups.append(torch.from_numpy(own).to(device))
+
+    def bias(self, depth: int) -> torch.Tensor:
+        self.child = self.ids[depth][0].index_select(0, self.nodes)        # [N, K]
+        return self.lookups[depth].gather(1, self.child.view(self.R, -1)).view(self.child.shape)
+
+    def advance(self, parent: torch.Tensor, codes: torch.Tensor, flat: torch.Tensor, depth: int) -> None:
+        """flat [R, B]: the kept candidates' positions in each request's [b * K] row of ``child``."""
+        self.nodes = self.child.view(self.R, -1).gather(1, flat).view(-1)
+
+    def leaves(self) -> torch.Tensor:
+        """[N, 2] long (main leaf, -1: no delta), -1 for the sentinel (only dead beams hold it)."""
+        main = self.nodes.masked_fill(self.nodes == self.ids[-1][1].shape[1] - 1, -1)
+        return torch.stack([main, torch.full_like(main, -1)], dim=1)
 
 
 class SidDecoder:
@@ -184,6 +222,8 @@ class SidDecoder:
                          if t >= 0}
         self._item_codes: dict[str, tuple[int, ...]] | None = None
         self._item_codes_version = -1  # the index version the map was built from
+        self._leaf_of: dict[str, int] | None = None
+        self._leaf_of_version = -1
         self.pad_id = pad_id(tokenizer)
         # per level: the logit column of each code [K] (any column where it has no token), the first column
         # when they are one contiguous range (a slice then reads them), and which codes have a token (None: all)
@@ -194,6 +234,8 @@ class SidDecoder:
         K = index.codebook_size
         self._shift = K.bit_length() - 1 if K & (K - 1) == 0 else None  # code = flat & (K-1) when K = 2**s
         index.to(self.device)
+        self._walk_src: list = []
+        self._walk_tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ----------------------------------------------------------------------------------- helpers
     def _item_index(self) -> dict[str, tuple[int, ...]]:
@@ -203,9 +245,35 @@ class SidDecoder:
             self._item_codes_version = self.index.version
         return self._item_codes
 
+    def _leaf_index(self) -> dict[str, int]:
+        """Present item id -> its main-index leaf (what ``banned_nodes`` reads), per index version."""
+        if self._leaf_of is None or self._leaf_of_version != self.index.version:
+            self._leaf_of = dict(zip(self.index.all_item_ids(), self.index.row_leaves()[self.index.live_rows()].tolist(),
+                                     strict=True))
+            self._leaf_of_version = self.index.version
+        return self._leaf_of
+
     def item_codes(self, item_id: str) -> tuple[int, ...]:
         """The SID codes of a stored item (KeyError if unknown)."""
         return self._item_index()[str(item_id)]
+
+    def _dense_walk_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``_DenseWalk``'s tables, when the index has no delta and dense tables at every depth: per depth the
+        child table as long and a [1, n' + 1] lookup of 0 / -inf (-inf at the sentinel), rebuilt when the
+        index replaces its tables (after a retire)."""
+        if self.index.delta is not None:
+            return None
+        dense = [self.index.dense_tables(d, self.device) for d in range(self.levels)]
+        if any(x is None for x in dense):
+            return None
+        if self._walk_tables is None or any(a is not b for a, b in zip(self._walk_src, dense, strict=True)):
+            out = []
+            for ids, _ in dense:
+                lookup = torch.zeros(1, int(ids.max()) + 1, device=self.device)
+                lookup[0, -1] = NEG_INF  # the sentinel: the largest id of a child table (every table has one)
+                out.append((ids.long(), lookup))
+            self._walk_src, self._walk_tables = dense, out
+        return self._walk_tables
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -275,8 +343,14 @@ class SidDecoder:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, pos, None)                        # [R, V]
         T = ids.shape[1]
-        bans = None if exclude is None else ban_tables(self.index, self._item_index(), exclude, dev)  # [R, E, l+1]
-        walk = _TrieWalk(self.index, R, dev)                                        # every request at the root
+        tables = self._dense_walk_tables()
+        if tables is not None:  # exclusions folded into the walk's masks
+            bans = None
+            walk = _DenseWalk(tables, R, dev, None if exclude is None
+                              else banned_nodes(self.index, self._leaf_index(), exclude))
+        else:
+            bans = None if exclude is None else ban_tables(self.index, self._item_index(), exclude, dev)  # [R, E, l+1]
+            walk = _TrieWalk(self.index, R, dev)                                    # every request at the root
         first = torch.arange(R, device=dev)[:, None]                               # [R, 1] first row of request r
         step_pos = pos[:, -1:] + 1                                                 # [R, 1]
         beam_scores = beam_codes = new_code = logits.new_zeros(0)
@@ -300,7 +374,7 @@ class SidDecoder:
                 parent, new_code = ((flat >> self._shift) + first).view(-1), (flat & (K - 1)).view(-1, 1)
             else:
                 parent, new_code = (flat // K + first).view(-1), (flat % K).view(-1, 1)  # [R*B], [R*B, 1]
-            walk.advance(parent, new_code, level)
+            walk.advance(parent, new_code, flat, level)
             beam_scores = top.view(-1, 1)                                          # [R*B, 1]
             beam_codes = torch.cat([beam_codes.index_select(0, parent), new_code], dim=1) if level else new_code
             if level == 0 and L > 1:  # every request's cache, mask and position to its B beams
@@ -312,8 +386,8 @@ class SidDecoder:
             elif 0 < level < L - 1:  # the last level needs no cache
                 self._reorder_generated(cache, parent, T)
             b = B
-        return (beam_codes.view(R, B, L).cpu().numpy(), beam_scores.view(R, B).cpu().numpy(),
-                walk.leaves().view(R, B, 2).cpu().numpy())
+        out = torch.cat([beam_codes, walk.leaves()], dim=1).cpu().numpy()   # one copy back for both
+        return out[:, :L].reshape(R, B, L), beam_scores.view(R, B).cpu().numpy(), out[:, L:].reshape(R, B, 2)
 
     @staticmethod
     def _reorder_generated(cache, parent: torch.Tensor, prompt_len: int) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from sidrec.sids.index import SidIndex
 
-__all__ = ["ban_bias", "ban_tables"]
+__all__ = ["ban_bias", "ban_tables", "banned_nodes"]
 
 
 def _unique_rows(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -98,6 +98,49 @@ def ban_tables(index: SidIndex, codes_of: Mapping[str, tuple[int, ...]], exclude
         table = np.full((R, int(slot.max()) + 1, d), -1, dtype=np.int64)
         table[req, slot] = rows[:, 1:]
         out.append(torch.from_numpy(table).to(device))
+    return out
+
+
+def _groups(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, size) of each run of equal values of ``key`` in sorted order: ``np.unique``'s
+    return_index / return_counts at a fraction of its fixed cost on the few dozen keys of a request."""
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    starts = np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1])))
+    return order[starts], np.diff(np.append(starts, k.size))
+
+
+def banned_nodes(index: SidIndex, leaf_of: Mapping[str, int], exclude: Sequence[Collection[str]]
+                 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """The same bans as trie nodes, for a main index without a delta: per depth d = 1..L, (request, node)
+    int64 arrays of the depth-d nodes request r must not reach (every SID below them has all its present
+    items excluded), or None where there are none. ``leaf_of``: every present item's leaf (SID) id.
+
+    Nodes below a banned node are listed too (harmless: a beam cannot reach them), so no "highest level"
+    bookkeeping is needed: each banned leaf is followed up its ancestors, and an ancestor is banned when it
+    holds as many banned leaves as live ones."""
+    if index.delta is not None:
+        raise ValueError("banned_nodes reads the main index only; use ban_tables with a delta index")
+    L = index.levels
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * L
+    pairs = [(r, leaf_of[item]) for r, ex in enumerate(exclude) for item in {str(i) for i in ex}]
+    if not pairs:
+        return out
+    req, node = np.asarray(pairs, dtype=np.int64).T
+    if index.item_offsets is not None:  # SIDs shared by several items: banned once all present ones are out
+        first, count = _groups(req * index.n_nodes(L) + node)
+        ok = count == index.live_items()[node[first]]
+        req, node = req[first[ok]], node[first[ok]]
+        if not req.size:
+            return out
+    out[L - 1] = (req, node)
+    for d in range(L - 1, 0, -1):
+        node = index.parents(d + 1)[node]                            # each banned leaf's depth-d ancestor
+        first, count = _groups(req * index.n_nodes(d) + node)
+        ok = count == index.live_leaves(d)[node[first]]
+        if not ok.any():
+            break  # no node at this depth is banned, so none above it is either
+        out[d - 1] = (req[first[ok]], node[first[ok]])
     return out
 
 

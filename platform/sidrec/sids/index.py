@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from sidrec.config import CODEBOOK_SIZE
-from sidrec.sids.trie_arrays import Liveness, build_arrays, check_codes, leaf_range, row_codes
+from sidrec.sids.trie_arrays import Liveness, build_arrays, check_codes, leaf_of_rows, leaf_range, row_codes
 from sidrec.sids.trie_tables import dense_pair, segment_mask, segment_search, walk_tables
 
 __all__ = ["SidIndex", "token_mask"]
@@ -69,6 +69,7 @@ class SidIndex:
         self._live: Liveness | None = None              # tombstones of the main rows, from the first retire
         self._row_of_id: dict[str, int] | None = None   # str(item id) -> its present row (built lazily)
         self._version = 0
+        self._np_cache: dict[tuple, np.ndarray] = {}    # parents / live_leaves, see there
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -186,14 +187,22 @@ class SidIndex:
         if prefixes.dim() != 2 or prefixes.shape[1] > self.levels:
             raise ValueError(f"prefixes must be [B, t] with t <= {self.levels}, got {tuple(prefixes.shape)}")
         t = self._t(prefixes.device)
-        dense = [self._dense(d, t) for d in range(prefixes.shape[1])]
-        if prefixes.device.type == "cpu" and None not in dense:  # numpy lookups: ~1 us each, not ~5
-            return torch.from_numpy(walk_tables([x[0].numpy() for x in dense], prefixes.numpy(), self.codebook_size))
+        if prefixes.device.type == "cpu":
+            nodes = self._node_of_numpy(prefixes.numpy())
+            if nodes is not None:
+                return torch.from_numpy(nodes)
         prefixes = prefixes.long()
         nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
         for d in range(prefixes.shape[1]):
             nodes = self._search(nodes, prefixes[:, d], d, t)
         return nodes
+
+    def _node_of_numpy(self, prefixes: np.ndarray) -> np.ndarray | None:
+        """``node_of`` in numpy through the CPU dense tables (~1 us a lookup, not ~5), None where a depth
+        has none."""
+        t = self._t(None)
+        dense = [self._dense_numpy(d, t) for d in range(prefixes.shape[1])]
+        return None if any(d is None for d in dense) else walk_tables(dense, prefixes, self.codebook_size)
 
     def step(self, node_ids: torch.Tensor, codes: torch.Tensor, depth: int) -> torch.Tensor:
         """Depth-``depth`` node ids [B] + chosen codes [B] -> depth+1 node ids (-1 if invalid). Main only."""
@@ -230,8 +239,13 @@ class SidIndex:
         if hit is None or hit[0] is not alive:  # a retire replaces t["alive"]: the table is stale
             mask = None if self._live is None else self._live.alive[depth]
             pair = dense_pair(self.offsets[depth], self.child_codes[depth], mask, self.codebook_size, t["arange"].device)
-            hit = tables[depth] = (alive, pair)
+            # the child table as numpy too (CPU: a view), for lookups without tensor-op dispatch
+            hit = tables[depth] = (alive, pair, pair[0].numpy() if pair[0].device.type == "cpu" else None)
         return hit[1]
+
+    def _dense_numpy(self, depth: int, t: dict) -> np.ndarray | None:
+        """``_dense``'s child table as numpy (CPU tables only), or None."""
+        return None if self._dense(depth, t) is None else t["dense"][depth][2]
 
     # main + delta ------------------------------------------------------------
     def state_of(self, prefixes: torch.Tensor) -> torch.Tensor:
@@ -261,12 +275,56 @@ class SidIndex:
             raise ValueError(f"prefixes must be [B, t] with t < {self.levels}, got {tuple(prefixes.shape)}")
         return self.allowed_from_state(self.state_of(prefixes), prefixes.shape[1])
 
+    def parents(self, depth: int) -> np.ndarray:
+        """[n_depth] int64: the depth-(depth-1) parent of every depth-``depth`` node (depth >= 1). Main only."""
+        if not 1 <= depth <= self.levels:
+            raise ValueError(f"depth must be in [1, {self.levels}], got {depth}")
+        key = ("parents", depth)
+        hit = self._np_cache.get(key)
+        if hit is None:  # the trie's shape changes only on compact / rebuild, which make a new index
+            off = self.offsets[depth - 1]
+            hit = self._np_cache[key] = np.repeat(np.arange(off.size - 1, dtype=np.int64), np.diff(off))
+        return hit
+
+    def live_leaves(self, depth: int) -> np.ndarray:
+        """[n_depth] int64: SIDs with a present item below every depth-``depth`` node. Main only."""
+        key = ("live_leaves", depth, self._version)
+        hit = self._np_cache.get(key)
+        if hit is None:
+            for stale in [k for k in self._np_cache if k[:2] == ("live_leaves", depth)]:
+                del self._np_cache[stale]
+            lo, hi = leaf_range(self.offsets, np.arange(self.n_nodes(depth), dtype=np.int64), depth)
+            hit = self._np_cache[key] = hi - lo if self._live is None else self._live.leaf_cum[hi] - self._live.leaf_cum[lo]
+        return hit
+
+    def row_leaves(self) -> np.ndarray:
+        """[n_main_rows] int64: the main-index leaf (SID) of every main row, retired ones included."""
+        if self._live is not None:
+            return self._live.row_leaf
+        hit = self._np_cache.get(("row_leaves",))
+        if hit is None:
+            hit = self._np_cache[("row_leaves",)] = leaf_of_rows(self.item_offsets, self.item_rows)
+        return hit
+
+    def live_items(self) -> np.ndarray:
+        """[n_leaves] int64: present items under every main-index leaf (1 per SID under dedup)."""
+        if self._live is not None:
+            return self._live.leaf_live
+        hit = self._np_cache.get(("live_items",))
+        if hit is None:
+            n = self.n_nodes(self.levels)
+            hit = self._np_cache[("live_items",)] = (np.ones(n, dtype=np.int64) if self.item_offsets is None
+                                                     else np.diff(self.item_offsets).astype(np.int64))
+        return hit
+
     def leaf_counts(self, prefixes: np.ndarray) -> np.ndarray:
         """prefixes [M, d] codes -> number of stored SIDs with a present item (main + delta, each counted
         in both when in both) that start with each prefix: the size of the node's leaf range, or after
         removals its count of live leaves (a difference of their cumulative sum)."""
         prefixes = np.asarray(prefixes, dtype=np.int64)
-        node = self.node_of(torch.from_numpy(prefixes)).numpy()
+        node = self._node_of_numpy(prefixes)
+        if node is None:
+            node = self.node_of(torch.from_numpy(prefixes)).numpy()
         count = np.zeros(node.shape, dtype=np.int64)   # absent prefixes (-1) count 0
         lo, hi = leaf_range(self.offsets, node[node >= 0], prefixes.shape[1])
         count[node >= 0] = hi - lo if self._live is None else self._live.leaf_cum[hi] - self._live.leaf_cum[lo]
@@ -285,7 +343,8 @@ class SidIndex:
     def leaves_of(self, codes: np.ndarray) -> np.ndarray:
         """Full SIDs [M, L] -> main-index leaf ids [M] (-1 if absent or all its items are retired)."""
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.levels)
-        return self.node_of(torch.from_numpy(codes)).numpy()
+        nodes = self._node_of_numpy(codes)
+        return self.node_of(torch.from_numpy(codes)).numpy() if nodes is None else nodes
 
     def rows_of(self, codes: Sequence[int]) -> list[int]:
         """Rows (0..n_rows-1, delta items after the main ones, in add order) of the present items with this
