@@ -5,6 +5,10 @@ A SID is banned when all its present items are excluded, and a prefix when all t
 ban sits at the highest level possible (that is what a trie without those items would allow). Everything
 is computed for the whole batch at once (numpy over (request, prefix) rows, one trie lookup per level), so
 a request with a 20-item history costs a few vectorised passes, not a trie walk per item.
+
+Two forms of the same bans: ``ban_tables`` (prefix, code) rows, compared with the beams' prefixes by
+``ban_bias`` (any index, delta included), and ``banned_nodes``, trie node ids, which the decoder's dense
+walk folds into its masks (a main index without a delta, dense at every depth: the usual small catalog).
 """
 
 from __future__ import annotations
