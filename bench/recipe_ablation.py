@@ -9,8 +9,7 @@ Levers (see their help in sidrec.config):
   vocabulary (``full``);
 - ``model.new_token_init``: ``mean`` vs ``titles`` (mostly matters for pretrained backbones);
 - ``instructions.layout``: ``history_last`` (the answer is the history list's next line) vs ``question_last``;
-- ``quantize.collab_weight``: SIDs from the item text only (0) or from text + collaborative vectors (0.5);
-  ``quantize.collab_prior``: those vectors shrunk towards the item's text neighbours' (10 pseudo-clicks).
+- ``quantize.collab_weight``: SIDs from the item text only (0) or from text + collaborative vectors (0.5).
 
     python bench/recipe_ablation.py [--config quickstart] [--store /tmp/ablation] [--variants old,recipe ...]
         [section.option=value ...]   # applied to every variant
@@ -32,8 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.recipe_ablation")
 
 RECIPE = {"instructions.train_rows": "sequences", "train.loss_on": "items", "train.sid_softmax": "level",
-          "model.new_token_init": "titles", "instructions.layout": "history_last", "quantize.collab_weight": 0.0,
-          "quantize.collab_prior": 0.0}
+          "model.new_token_init": "titles", "instructions.layout": "history_last", "quantize.collab_weight": 0.0}
 VARIANTS = {  # name -> overrides on top of RECIPE (the shipped defaults)
     "recipe": {},
     "old (examples rows + response loss + mean init + question last)": {
@@ -45,7 +43,6 @@ VARIANTS = {  # name -> overrides on top of RECIPE (the shipped defaults)
     "mean init": {"model.new_token_init": "mean"},
     "question_last layout": {"instructions.layout": "question_last"},
     "collaborative SIDs": {"quantize.collab_weight": 0.5},
-    "collaborative SIDs, shrunk to text neighbours": {"quantize.collab_weight": 0.5, "quantize.collab_prior": 10.0},
 }
 METRICS = ("hr@1", "ndcg@1", "hr@5", "ndcg@5", "hr@10", "ndcg@10")
 

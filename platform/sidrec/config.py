@@ -188,9 +188,6 @@ class QuantizerConfig(Section):
     collab_dim: int = opt(32, "width of the collaborative vectors (SVD rank)", ge=1)
     collab_window: int = opt(5, "co-occurrence counts pairs at most this many steps apart in a sequence", ge=1)
     collab_neighbours: int = opt(10, "nearest items by text whose mean vector an unseen item gets", ge=1)
-    collab_prior: float = opt(0.0, "shrink an item's collaborative vector towards its text neighbours' mean, "
-                              "weighing them as this many train clicks (sidrec.sids.collab); 0 = no shrinkage",
-                              ge=0)
 
     def check(self) -> None:
         if any(h < 1 for h in self.hidden_dims):

@@ -98,20 +98,3 @@ def test_a_store_fitted_on_text_only_reads_back_as_text_only_whatever_the_defaul
     store.publish(run, fp="y", config=collab.stage_config(QuantizerConfig(collab_weight=0.3)), inputs={})
     back = collab.read_collab(store)
     assert back is not None and back.weight == 0.3 and back.item_ids == items
-
-
-def test_prior_pulls_a_rarely_clicked_item_towards_its_text_neighbours_and_leaves_a_popular_one():
-    """``collab_prior``: a1 reads like the b items. Clicked once, its vector moves most of the way to the b
-    community; clicked as often as the other a items (~18 times), it stays an a item."""
-    items, text, hists, tgts = two_communities()
-    text[1] = text[10:13].mean(axis=0)          # a1 reads like b0, b1, b2
-    rare_h = [h for h, t in zip(hists, tgts, strict=True) if t != "a1"] + [["a0"]]
-    rare_t = [t for t in tgts if t != "a1"] + ["a1"]
-    b_ids = [f"b{i}" for i in range(10)]
-    for h, t, prior, near_b in ((rare_h, rare_t, 0.0, False), (rare_h, rare_t, 10.0, True),
-                                (hists, tgts, 10.0, False)):
-        v = fit(items, text, h, t, prior=prior)
-        a1, b_mean = v.lookup(["a1"])[0], v.lookup(b_ids).mean(axis=0)
-        a_mean = v.lookup([f"a{i}" for i in range(2, 10)]).mean(axis=0)
-        assert (a1 @ b_mean > a1 @ a_mean) == near_b, (prior, len(t), a1 @ b_mean, a1 @ a_mean)
-        assert np.allclose(np.linalg.norm(v.vectors, axis=1), 1.0, atol=1e-5)

@@ -14,12 +14,6 @@ mean collaborative vector of their ``collab_neighbours`` nearest items by text, 
 items that read like it are clicked, and every path (the ``sids`` stage, an admin add, the cold-start
 evaluation) computes the same input from the same stored vectors.
 
-An item seen a few times has a noisy co-occurrence row. ``quantize.collab_prior`` = n0 > 0 shrinks each
-observed item's vector towards the mean vector of its text neighbours, by its number of train
-interactions c: ``unit(c * own + n0 * neighbours)``, so an item clicked n0 times is half its own, half what
-items that read like it are clicked with, and a popular item is almost all its own (empirical-Bayes style:
-the prior weighs as n0 pseudo-interactions). The quantizer input keeps one ``collab_weight`` for every item.
-
 Only the train split feeds the counts (never valid or test), after the cold-start hold-out.
 """
 
@@ -120,18 +114,12 @@ class CollabVectors:
 
     @classmethod
     def fit(cls, item_ids: Sequence[str], text: np.ndarray, histories: Sequence[Sequence[str]],
-            targets: Sequence[str], *, weight: float, dim: int, window: int, neighbours: int, seed: int,
-            prior: float = 0.0) -> CollabVectors:
-        """Vectors of every item (text [N, D] in ``item_ids`` order) from the train examples; ``prior``: the
-        shrinkage n0 of the module doc (0 = each observed item's own vector)."""
+            targets: Sequence[str], *, weight: float, dim: int, window: int, neighbours: int, seed: int
+            ) -> CollabVectors:
+        """Vectors of every item (text [N, D] in ``item_ids`` order) from the train examples."""
         ids = list(item_ids)
         row_of = {i: r for r, i in enumerate(ids)}
         vec, observed = svd_vectors(len(ids), cooccurrence_pairs(histories, targets, window, row_of), dim, seed)
-        if prior > 0 and observed.any():
-            clicks = np.bincount([row_of[t] for t in targets if t in row_of], minlength=len(ids)).astype(np.float32)
-            own = observed.nonzero()[0]
-            prior_vec = impute(text[own], text[own], vec[own], neighbours)
-            vec[own] = _unit(clicks[own, None] * vec[own] + prior * prior_vec)
         if (~observed).any():
             vec[~observed] = impute(text[~observed], text[observed], vec[observed], neighbours)
         return cls(ids, vec, observed, weight, neighbours)
@@ -169,7 +157,7 @@ class CollabVectors:
                    np.asarray(table.column("observed").to_pylist(), bool), weight, neighbours)
 
 
-COLLAB_FIELDS = ("collab_weight", "collab_dim", "collab_window", "collab_neighbours", "collab_prior")
+COLLAB_FIELDS = ("collab_weight", "collab_dim", "collab_window", "collab_neighbours")
 
 
 def enabled(qcfg) -> bool:

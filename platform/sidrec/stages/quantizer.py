@@ -31,8 +31,7 @@ def collab_vectors(store: ArtifactStore, qcfg: QuantizerConfig, ids: list[str], 
     train = store.read_table(f"{store.current_path('dataset')}/train.parquet", columns=["history", "target"])
     return CollabVectors.fit(ids, emb, train.column("history").to_pylist(), train.column("target").to_pylist(),
                              weight=qcfg.collab_weight, dim=qcfg.collab_dim, window=qcfg.collab_window,
-                             neighbours=qcfg.collab_neighbours, seed=qcfg.seed,
-                             prior=qcfg.collab_prior)
+                             neighbours=qcfg.collab_neighbours, seed=qcfg.seed)
 
 
 def fit_input(store: ArtifactStore, held_out: list[str], vectors: CollabVectors | None = None,
