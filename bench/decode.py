@@ -15,7 +15,8 @@ exclude each request's history items, as the served path does (the floor is the 
 ``--baseline REV`` adds (d): ``SidDecoder`` as ``platform/sidrec/decode/beam.py`` was at git revision REV
 (read with ``git show``; it must use SidIndex methods that still exist), over an index without dense tables
 (the CSR trie queries), timed interleaved with the others: a before/after in one run on a shared machine,
-e.g. ``--baseline 94034fc`` (the decoder before issue 13).
+e.g. ``--baseline 94034fc`` (the decoder before issue 13); ``--baseline-dense`` gives it the dense tables
+(``--baseline 927266b --baseline-dense``: the decoder before the dense walk of ``_DenseWalk``).
 "large" is a d=1024, 8-layer Qwen2 with random weights (same tokenizer and SIDs) so the model's cost
 dominates. Writes bench/results/decode.json.
 """
@@ -85,15 +86,17 @@ def interleaved(fns: dict, reps: dict[str, int]) -> tuple[dict[str, float], dict
     return best, out
 
 
-def baseline_decoder(rev: str, model, rec: Recommender, store_root: str, beams: int):
+def baseline_decoder(rev: str, model, rec: Recommender, store_root: str, beams: int, dense: bool = False):
     """The SidDecoder of ``beam.py`` at git revision ``rev``, over a fresh index of the store with the dense
-    tables off (so its trie queries are the CSR ones it was written against)."""
+    tables off (so its trie queries are the CSR ones it was written against), or on (``dense``: a decoder
+    written after them)."""
     src = subprocess.run(["git", "show", f"{rev}:platform/sidrec/decode/beam.py"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout
     module = sys.modules[f"beam_at_{rev}"] = types.ModuleType(f"beam_at_{rev}")  # (dataclasses look it up)
     exec(compile(src, f"{rev}:platform/sidrec/decode/beam.py", "exec"), module.__dict__)  # noqa: S102
     index = SidIndex.from_table(ArtifactStore(store_root).sid_table(), rec.index.codebook_size)
-    index.dense_max_entries = 0
+    if not dense:
+        index.dense_max_entries = 0
     return module.SidDecoder(model, rec.tokenizer, index, num_beams=beams)
 
 
@@ -224,6 +227,8 @@ def main() -> None:
                     help="torch thread counts, one row each (1: steadier on a shared machine)")
     ap.add_argument("--exclude-history", action="store_true",
                     help="exclude each request's history items from its answer (as Serve does)")
+    ap.add_argument("--baseline-dense", action="store_true",
+                    help="give the --baseline decoder the index's dense tables (a revision that has them, e.g. 927266b)")
     ap.add_argument("--baseline", metavar="REV", default=None,
                     help="also time beam.py as it was at this git revision (e.g. 94034fc), interleaved")
     ap.add_argument("--breakdown", action="store_true",
@@ -242,7 +247,8 @@ def main() -> None:
         vocab = rec.model.get_output_embeddings().weight.shape[0]
         model = rec.model if name == "store" else large_model(vocab, rec.tokenizer)
         dec = SidDecoder(model, rec.tokenizer, rec.index, num_beams=args.beams)
-        base = baseline_decoder(args.baseline, model, rec, args.store, args.beams) if args.baseline else None
+        base = (baseline_decoder(args.baseline, model, rec, args.store, args.beams, args.baseline_dense)
+                if args.baseline else None)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for bs in args.batches:
