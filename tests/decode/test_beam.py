@@ -285,6 +285,10 @@ def test_one_decoder_follows_retires_and_adds(setup):
     assert not set(gone) & {i for hits in after for h in hits for i in h.items}
     ref = hf_reference_search(model, tok, index, prompts, k=10, num_beams=20)
     assert [_summary(a) for a in after] == [_summary(b) for b in ref]
+    ex = [{h.items[0] for h in hits[:3]} for hits in after]  # bans read the trie as it is after the retire
+    ours = dec.search(prompts, k=10, exclude=ex)
+    assert [_summary(a) for a in ours] == [_summary(b) for b in hf_reference_search(
+        model, tok, index, prompts, k=10, num_beams=20, exclude=ex)]
     index.add(codes[100:], ids[100:])
     index.add(codes[:1], ids[:1])  # an upsert of a main item: retired there, present in the delta
     later = dec.search(prompts, k=10, exclude=[{"i101"}] * len(prompts))

@@ -69,7 +69,7 @@ class SidIndex:
         self._live: Liveness | None = None              # tombstones of the main rows, from the first retire
         self._row_of_id: dict[str, int] | None = None   # str(item id) -> its present row (built lazily)
         self._version = 0
-        self._np_cache: dict[tuple, np.ndarray] = {}    # parents / live_leaves, see there
+        self._np_cache: dict[tuple, tuple[int, np.ndarray]] = {}  # _memo: parents, live_leaves, ...
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -279,43 +279,36 @@ class SidIndex:
         """[n_depth] int64: the depth-(depth-1) parent of every depth-``depth`` node (depth >= 1). Main only."""
         if not 1 <= depth <= self.levels:
             raise ValueError(f"depth must be in [1, {self.levels}], got {depth}")
-        key = ("parents", depth)
-        hit = self._np_cache.get(key)
-        if hit is None:  # the trie's shape changes only on compact / rebuild, which make a new index
-            off = self.offsets[depth - 1]
-            hit = self._np_cache[key] = np.repeat(np.arange(off.size - 1, dtype=np.int64), np.diff(off))
-        return hit
+        off = self.offsets[depth - 1]  # the trie's shape changes only on compact / rebuild (a new index)
+        return self._memo(("parents", depth), lambda: np.repeat(np.arange(off.size - 1, dtype=np.int64), np.diff(off)))
 
     def live_leaves(self, depth: int) -> np.ndarray:
         """[n_depth] int64: SIDs with a present item below every depth-``depth`` node. Main only."""
-        key = ("live_leaves", depth, self._version)
-        hit = self._np_cache.get(key)
-        if hit is None:
-            for stale in [k for k in self._np_cache if k[:2] == ("live_leaves", depth)]:
-                del self._np_cache[stale]
+        def build() -> np.ndarray:
             lo, hi = leaf_range(self.offsets, np.arange(self.n_nodes(depth), dtype=np.int64), depth)
-            hit = self._np_cache[key] = hi - lo if self._live is None else self._live.leaf_cum[hi] - self._live.leaf_cum[lo]
-        return hit
+            return hi - lo if self._live is None else self._live.leaf_cum[hi] - self._live.leaf_cum[lo]
+        return self._memo(("live_leaves", depth), build, self._version)
 
     def row_leaves(self) -> np.ndarray:
         """[n_main_rows] int64: the main-index leaf (SID) of every main row, retired ones included."""
         if self._live is not None:
             return self._live.row_leaf
-        hit = self._np_cache.get(("row_leaves",))
-        if hit is None:
-            hit = self._np_cache[("row_leaves",)] = leaf_of_rows(self.item_offsets, self.item_rows)
-        return hit
+        return self._memo(("row_leaves",), lambda: leaf_of_rows(self.item_offsets, self.item_rows))
 
     def live_items(self) -> np.ndarray:
         """[n_leaves] int64: present items under every main-index leaf (1 per SID under dedup)."""
         if self._live is not None:
             return self._live.leaf_live
-        hit = self._np_cache.get(("live_items",))
-        if hit is None:
-            n = self.n_nodes(self.levels)
-            hit = self._np_cache[("live_items",)] = (np.ones(n, dtype=np.int64) if self.item_offsets is None
-                                                     else np.diff(self.item_offsets).astype(np.int64))
-        return hit
+        n = self.n_nodes(self.levels)
+        return self._memo(("live_items",), lambda: np.ones(n, dtype=np.int64) if self.item_offsets is None
+                          else np.diff(self.item_offsets).astype(np.int64))
+
+    def _memo(self, key: tuple, build, version: int = 0) -> np.ndarray:
+        """``build()``, cached under ``key`` until ``version`` changes (0: for the life of the index)."""
+        hit = self._np_cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = self._np_cache[key] = (version, build())
+        return hit[1]
 
     def leaf_counts(self, prefixes: np.ndarray) -> np.ndarray:
         """prefixes [M, d] codes -> number of stored SIDs with a present item (main + delta, each counted
