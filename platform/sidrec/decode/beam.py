@@ -273,9 +273,9 @@ class SidDecoder:
             return None
         if self._walk_tables is None or any(a is not b for a, b in zip(self._walk_src, dense, strict=True)):
             out = []
-            for ids, _ in dense:
-                lookup = torch.zeros(1, int(ids.max()) + 1, device=self.device)
-                lookup[0, -1] = NEG_INF  # the sentinel: the largest id of a child table (every table has one)
+            for d, (ids, _) in enumerate(dense):
+                lookup = torch.zeros(1, self.index.n_nodes(d + 1) + 1, device=self.device)
+                lookup[0, -1] = NEG_INF  # the sentinel: node n of depth d + 1, the child tables' "absent"
                 out.append((ids.long(), lookup))
             self._walk_src, self._walk_tables = dense, out
         return self._walk_tables
