@@ -108,3 +108,44 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         out["labels"][row, :n] = torch.as_tensor(ex["labels"], dtype=torch.long)
         out["attention_mask"][row, :n] = torch.as_tensor(ex["attention_mask"], dtype=torch.long)
     return out
+
+
+def pack(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack format_example dicts into as few rows as fit the longest of them (first fit, longest first).
+
+    Returns ``input_ids`` / ``labels`` / ``position_ids`` (R, T) with R <= len(batch) and T the longest
+    example, and ``in_prompt`` (R, T): the token lies in its example's prompt. Position ids restart at 0
+    with every example (and with the trailing padding), and there is no ``attention_mask``: transformers
+    then reads the packed segments from the position ids and lets each token attend only inside its own
+    segment, so every example's logits and loss are what `collate` would give it alone. An example's first
+    token is never a label (nothing in its segment predicts it).
+    """
+    order = sorted(range(len(batch)), key=lambda i: -len(batch[i]["input_ids"]))
+    width = len(batch[order[0]]["input_ids"])
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = len(batch[i]["input_ids"])
+        r = next((r for r, used in enumerate(fill) if used + n <= width), len(rows))
+        if r == len(rows):
+            rows.append([])
+            fill.append(0)
+        rows[r].append(i)
+        fill[r] += n
+    shape = (len(rows), width)
+    out = {"input_ids": torch.full(shape, pad_id, dtype=torch.long),
+           "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+           "position_ids": torch.zeros(shape, dtype=torch.long),
+           "in_prompt": torch.zeros(shape, dtype=torch.bool)}
+    for r, members in enumerate(rows):
+        o = 0
+        for i in members:
+            ex = batch[i]
+            n = len(ex["input_ids"])
+            out["input_ids"][r, o:o + n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+            out["labels"][r, o + 1:o + n] = torch.as_tensor(ex["labels"][1:], dtype=torch.long)
+            out["position_ids"][r, o:o + n] = torch.arange(n)
+            out["in_prompt"][r, o:o + ex["n_prompt"]] = True
+            o += n
+        out["position_ids"][r, o:] = torch.arange(width - o)
+    return out

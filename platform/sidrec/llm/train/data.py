@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sidrec.config import TrainConfig
-from sidrec.llm.sft import collate, format_example
+from sidrec.llm.sft import collate, format_example, pack
 from sidrec.sids.tokens import is_sid_token
 from sidrec.store import ArtifactStore
 
@@ -129,10 +129,15 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
 
 
 def micro_batch(examples: list[dict], shard: np.ndarray, index: int, batch_size: int, pad_id: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """The ``index``-th micro-batch of a shard, collated and on ``device``, with ``prompt_len`` (B,)."""
+                device: torch.device, packed: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """The ``index``-th micro-batch of a shard on ``device`` (`pack`-ed with ``packed``, else `collate`-d,
+    with ``in_prompt`` (B, T) either way) and its count of real tokens."""
     i0 = index * batch_size
     rows = [examples[j] for j in shard[i0:i0 + batch_size]]
-    batch = collate(rows, pad_id)
-    batch["prompt_len"] = torch.tensor([r["n_prompt"] for r in rows], dtype=torch.long)
-    return batch_to(batch, device)
+    if packed:
+        batch = pack(rows, pad_id)
+    else:
+        batch = collate(rows, pad_id)
+        pos = torch.arange(batch["input_ids"].shape[1])
+        batch["in_prompt"] = pos[None, :] < torch.tensor([r["n_prompt"] for r in rows])[:, None]
+    return batch_to(batch, device), sum(len(r["input_ids"]) for r in rows)

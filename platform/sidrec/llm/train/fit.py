@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sidrec.console import ProgressSink
-from sidrec.llm.train.data import Examples, StepPlan, epoch_shard, micro_batch
+from sidrec.llm.sft import IGNORE_INDEX, collate, pack
+from sidrec.llm.train.data import Examples, StepPlan, batch_to, epoch_shard, micro_batch
 from sidrec.llm.train.loss import level_softmax_loss
 from sidrec.llm.train.setup import TrainParts, WorkerEnv
 
@@ -50,7 +51,7 @@ class EpochResult:
 
 def forward_backward(env: WorkerEnv, parts: TrainParts, batch: dict[str, torch.Tensor], last_micro: bool) -> float:
     """Loss of one micro-batch and its backward pass (DeepSpeed: its engine also steps); returns the loss."""
-    prompt_len = batch.pop("prompt_len")
+    in_prompt = batch.pop("in_prompt")
     if env.use_ds:
         loss = parts.engine(**batch, use_cache=False).loss
         parts.engine.backward(loss)
@@ -60,11 +61,44 @@ def forward_backward(env: WorkerEnv, parts: TrainParts, batch: dict[str, torch.T
     with (contextlib.nullcontext() if sync else parts.model.no_sync()), env.autocast():
         if parts.sid_levels is not None:
             weight = parts.module.get_output_embeddings().weight
-            loss = level_softmax_loss(parts.model, weight, batch, prompt_len, parts.sid_levels)
+            loss = level_softmax_loss(parts.model, weight, batch, in_prompt, parts.sid_levels)
         else:
             loss = parts.model(**batch, use_cache=False).loss
     (loss / env.tcfg.grad_accum).backward()
     return float(loss.detach())
+
+
+def label_losses(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of every label of ``batch`` (1-D, sorted: the same multiset however rows are packed)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "in_prompt")}
+    logits = module(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none").sort().values
+
+
+@torch.no_grad()
+def check_packing(env: WorkerEnv, module: torch.nn.Module, examples: list[dict], pad_id: int) -> None:
+    """Fail fast when the model does not keep packed examples apart (``train.pack_rows``).
+
+    transformers reads packed segments from restarting position ids (with no cache) in the architectures
+    built on its masking utilities (Llama, Qwen2 and most others); one that ignores them would silently let
+    examples attend to each other. Compares every label's loss packed and one example per row; every rank
+    runs the same forward passes (ZeRO-3 gathers inside forward).
+    """
+    by_len = sorted(examples, key=lambda ex: len(ex["input_ids"]))
+    rows = [by_len[-1], *by_len[:3]]  # the longest, and short ones that pack into its width
+    was_training = module.training
+    module.eval()
+    with env.autocast():
+        plain = label_losses(module, batch_to(collate(rows, pad_id), env.device))
+        packed = label_losses(module, batch_to(pack(rows, pad_id), env.device))
+    module.train(was_training)
+    tol = 1e-3 if next(module.parameters()).dtype == torch.float32 and not env.tcfg.use_gpu else 5e-2
+    gap = float((plain - packed).abs().max())
+    if gap > tol:
+        raise ValueError(f"train.pack_rows: this model does not keep packed examples apart (a label's loss "
+                         f"moves by {gap:.4f} when rows are packed); set train.pack_rows=false")
 
 
 def optimizer_step(env: WorkerEnv, parts: TrainParts) -> None:
@@ -121,8 +155,8 @@ def train_epoch(env: WorkerEnv, parts: TrainParts, data: Examples, plan: StepPla
     steps = min(plan.steps_per_epoch, first + plan.total_steps - state["global_step"])
     for step in range(first, steps):
         for m in range(tcfg.grad_accum):
-            batch = micro_batch(data.train, shard, step * tcfg.grad_accum + m, tcfg.batch_size, pad_id, env.device)
-            ntok = int(batch["attention_mask"].sum())
+            batch, ntok = micro_batch(data.train, shard, step * tcfg.grad_accum + m, tcfg.batch_size, pad_id,
+                                      env.device, packed=tcfg.pack_rows)
             loss = forward_backward(env, parts, batch, last_micro=m == tcfg.grad_accum - 1)
             window.add(loss, ntok)
             total.add(loss, ntok)

@@ -53,23 +53,22 @@ def sid_levels(tokenizer: PreTrainedTokenizerBase, vocab_rows: int) -> SidLevels
 
 
 def level_softmax_loss(model: Any, output_weight: torch.Tensor, batch: dict[str, torch.Tensor],
-                       prompt_len: torch.Tensor, levels: SidLevels) -> torch.Tensor:
+                       in_prompt: torch.Tensor, levels: SidLevels) -> torch.Tensor:
     """Mean cross-entropy over the labels of ``batch``; prompt (history) SID labels use their level's softmax.
 
-    ``batch``: input_ids / labels / attention_mask (B, T); ``prompt_len`` (B,): tokens before the response.
-    ``model`` is called once (through any DDP wrapper) for the hidden states (B, T, d), with full logits
-    only at the positions some row needs them.
+    ``batch``: input_ids / labels (B, T) and attention_mask or, packed (`sft.pack`), position_ids (B, T);
+    ``in_prompt`` (B, T): the token lies in its example's prompt. ``model`` is called once (through any DDP
+    wrapper) for the hidden states (B, T, d), with full logits only at the positions some row needs them.
     """
     targets = batch["labels"][:, 1:]  # position p predicts token p + 1
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)
     target_level = torch.where(valid, levels.level[safe], -1)
-    pos = torch.arange(targets.shape[1], device=targets.device)
-    history = valid & (pos[None, :] < (prompt_len[:, None] - 1)) & (target_level >= 0)
+    history = valid & in_prompt[:, 1:] & (target_level >= 0)
     full = valid & ~history
     keep = full.any(0).nonzero().squeeze(1)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                output_hidden_states=True, use_cache=False)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, logits_to_keep=keep, output_hidden_states=True, use_cache=False)
     total = F.cross_entropy(out.logits[full[:, keep]].float(), targets[:, keep][full[:, keep]], reduction="sum")
     hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, d), after the final norm
     for lv, ids in enumerate(levels.ids):

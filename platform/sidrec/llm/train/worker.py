@@ -21,7 +21,7 @@ from sidrec.config import TOP_K
 from sidrec.console import ProgressSink
 from sidrec.llm.train.checkpoint import checkpoint_tag, report_checkpoint, write_checkpoint, write_state
 from sidrec.llm.train.data import Examples, StepPlan, load_examples, lr_lambda, plan_steps
-from sidrec.llm.train.fit import train_epoch
+from sidrec.llm.train.fit import check_packing, train_epoch
 from sidrec.llm.train.loss import sid_levels
 from sidrec.llm.train.restore import (
     load_state,
@@ -101,6 +101,8 @@ def prepare(env: WorkerEnv, store: ArtifactStore, config: dict) -> WorkerRun:
         state, resumed_from = load_state(ckpt_dir)
         torch.manual_seed(env.tcfg.seed + 1000 * state["starts"] + env.rank)
         parts = build_parts(env, tokenizer, base_dir, ckpt_dir, plan, state)
+        if env.tcfg.pack_rows:
+            check_packing(env, parts.module, data.train, pad_id)
     index = None
     if data.eval_rows:
         index = eval_index(store.read_table(config["sids_path"], columns=["item_id", "codes"]),
