@@ -40,7 +40,8 @@ def batch_and_levels() -> tuple[dict[str, torch.Tensor], torch.Tensor, SidLevels
     labels = x.clone()
     labels[:, :26] = -100
     batch = {"input_ids": x, "labels": labels, "attention_mask": torch.ones_like(x)}
-    return batch, torch.full((ROWS,), PROMPT), SidLevels(level, index, ids)
+    in_prompt = torch.arange(LEN)[None, :].expand(ROWS, LEN) < PROMPT
+    return batch, in_prompt, SidLevels(level, index, ids)
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "sid_softmax.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    batch, prompt_len, levels = batch_and_levels()
+    batch, in_prompt, levels = batch_and_levels()
     rows = []
     for name, (d, layers, inter) in SHAPES.items():
         torch.manual_seed(0)
@@ -58,7 +59,7 @@ def main() -> None:
                                              intermediate_size=inter, tie_word_embeddings=True))
         fns = {
             "full": lambda m=model: m(**batch, use_cache=False).loss.backward(),
-            "level": lambda m=model: level_softmax_loss(m, m.get_output_embeddings().weight, batch, prompt_len,
+            "level": lambda m=model: level_softmax_loss(m, m.get_output_embeddings().weight, batch, in_prompt,
                                                         levels).backward(),
         }
         best = {k: float("inf") for k in fns}
