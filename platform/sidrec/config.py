@@ -324,7 +324,7 @@ class TrainConfig(Section):
     max_steps: int = opt(0, "optimizer-step budget (0 = full epochs), spread evenly over the epochs", ge=0)
     train_on_valid: bool = opt(False, "also train next-item on the valid examples (never test)")
     pack_rows: bool = opt(True, "pack each micro-batch's examples into as few rows as fit its longest one, each "
-                          "attending only to itself: the same loss with less padding (1.5x faster on quickstart)")
+                          "attending only to itself: the same loss with less padding (1.22x tokens/s on quickstart, bench/pack_rows.py)")
     sid_softmax: Literal["level", "full"] = opt(
         "level", "history SID labels (loss_on=items): level = softmax over that level's SID tokens only (all the "
         "trie allows there; 2.5x cheaper steps on the quickstart model, bench/sid_softmax.py), full = over the whole vocabulary; the "
