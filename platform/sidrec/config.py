@@ -232,6 +232,7 @@ class ModelConfig(Section):
     intermediate_size: int = opt(768, "preset: SwiGLU MLP width", ge=1)
     max_position_embeddings: int = opt(512, "preset: longest sequence (RoPE)", ge=1)
     rope_theta: float = opt(10000.0, "preset: RoPE base", gt=0)
+    attention_dropout: float = opt(0.0, "preset: dropout on the attention weights while training", ge=0, lt=1)
     tokenizer_vocab_size: int = opt(4000, "preset: BPE vocabulary (incl. 256 byte tokens and 3 special tokens)",
                                     ge=256 + 1 + CHAT_TOKEN_COUNT)
     new_token_init: Literal["mean", "random", "titles"] = opt(

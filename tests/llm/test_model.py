@@ -241,7 +241,21 @@ def test_preset_shapes(corpus):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, m3.model.layers[0].mlp.up_proj.weight)
 
 
+def test_preset_attention_dropout_acts_in_training_only(corpus):
+    model, tok = _fresh(corpus, attention_dropout=0.5)
+    assert model.config.attention_dropout == 0.5
+    ids = torch.tensor([tok.encode("steel pipe valve steel pipe valve")])
+    model.train()
+    torch.manual_seed(0)
+    a = model(input_ids=ids).logits
+    b = model(input_ids=ids).logits
+    assert not torch.allclose(a, b)  # a fresh dropout mask each pass
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("kwargs, field", [
+    ({"attention_dropout": 1.0}, "attention_dropout"),
     ({"hidden_size": 0}, "hidden_size"),
     ({"num_heads": 3}, "hidden_size"),
     ({"num_kv_heads": 3}, "num_kv_heads"),

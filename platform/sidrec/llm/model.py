@@ -89,6 +89,7 @@ def build_tiny_qwen2(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qw
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
         rope_theta=cfg.rope_theta,
+        attention_dropout=cfg.attention_dropout,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
