@@ -129,7 +129,7 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
 
 
 def micro_batch(examples: list[dict], shard: np.ndarray, index: int, batch_size: int, pad_id: int,
-                device: torch.device, packed: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                device: torch.device, *, packed: bool) -> tuple[dict[str, torch.Tensor], int]:
     """The ``index``-th micro-batch of a shard on ``device`` (`pack`-ed with ``packed``, else `collate`-d,
     with ``in_prompt`` (B, T) either way) and its count of real tokens."""
     i0 = index * batch_size
