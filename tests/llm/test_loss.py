@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from sidrec.config import ModelConfig, TrainConfig
 from sidrec.llm.instructions import template_corpus
 from sidrec.llm.model import add_sid_tokens, encode_sid, load_base
-from sidrec.llm.sft import IGNORE_INDEX, collate, format_example, pack
+from sidrec.llm.sft import IGNORE_INDEX, collate, format_example, pack, prompt_mask
 from sidrec.llm.train.data import sid_token_ids
 from sidrec.llm.train.fit import check_packing, label_losses
 from sidrec.llm.train.loss import level_softmax_loss, sid_levels
@@ -43,7 +43,7 @@ def test_level_softmax_loss_matches_hand_computation():
             format_example(f"The user has clicked: {SIDS[4]}, {SIDS[5]}. Which next?", SIDS[6], tok, 128, ids),
             format_example(f"What is the title of item {SIDS[7]}?", "steel pipe", tok, 128)]
     batch = collate(rows, tok.pad_token_id)
-    in_prompt = torch.arange(batch["input_ids"].shape[1])[None, :] < torch.tensor([r["n_prompt"] for r in rows])[:, None]
+    in_prompt = prompt_mask(rows, batch["input_ids"].shape[1])
     levels = sid_levels(tok, model.get_input_embeddings().weight.shape[0])
     loss = level_softmax_loss(model, model.get_output_embeddings().weight, batch, in_prompt, levels)
 
@@ -69,31 +69,36 @@ def test_level_softmax_loss_matches_hand_computation():
     assert model.get_input_embeddings().weight.grad is not None
 
 
+def _packable_rows(tok) -> list[dict]:
+    """An 8-item history and two short rows that fit together in its width."""
+    ids = sid_token_ids(tok)
+    rows = [format_example(f"The user has clicked: {', '.join(SIDS[:8])}. Which next?", SIDS[8], tok, 128, ids),
+            format_example(f"The user has clicked: {SIDS[4]}, {SIDS[5]}. Which next?", SIDS[6], tok, 128, ids),
+            format_example(f"What is the title of item {SIDS[7]}?", "steel pipe", tok, 128)]
+    return rows
+
+
 def test_packed_rows_give_each_example_its_own_loss():
     """`pack` puts the two short rows in the long row's width; the model (Qwen2 via transformers' packed
     position ids) keeps them apart, so both losses equal the one-example-per-row ones."""
     model, tok = _model()
     model.eval()
-    ids = sid_token_ids(tok)
-    rows = [format_example(f"The user has clicked: {', '.join(SIDS[:8])}. Which next?", SIDS[8], tok, 128, ids),
-            format_example(f"The user has clicked: {SIDS[4]}, {SIDS[5]}. Which next?", SIDS[6], tok, 128, ids),
-            format_example(f"What is the title of item {SIDS[7]}?", "steel pipe", tok, 128)]
+    rows = _packable_rows(tok)
     assert len(rows[0]["input_ids"]) >= len(rows[1]["input_ids"]) + len(rows[2]["input_ids"])
     packed = pack(rows, tok.pad_token_id)
     assert packed["input_ids"].shape == (2, len(rows[0]["input_ids"]))
     assert int((packed["labels"] != IGNORE_INDEX).sum()) == sum(
         sum(t != IGNORE_INDEX for t in r["labels"][1:]) for r in rows)
     plain = collate(rows, tok.pad_token_id)
-    plain_prompt = torch.arange(plain["input_ids"].shape[1])[None, :] < torch.tensor([r["n_prompt"] for r in rows])[:, None]
+    plain_prompt = prompt_mask(rows, plain["input_ids"].shape[1])
+    inputs = {k: v for k, v in packed.items() if k != "in_prompt"}
     levels = sid_levels(tok, model.get_input_embeddings().weight.shape[0])
     weight = model.get_output_embeddings().weight
     with torch.no_grad():
         want = level_softmax_loss(model, weight, plain, plain_prompt, levels)
-        got = level_softmax_loss(model, weight, {k: v for k, v in packed.items() if k != "in_prompt"},
-                                 packed["in_prompt"], levels)
+        got = level_softmax_loss(model, weight, inputs, packed["in_prompt"], levels)
         assert float(got) == pytest.approx(float(want), rel=1e-5)
         # the model's own loss too (use_cache=False: with a cache transformers does not look for packing)
-        inputs = {k: v for k, v in packed.items() if k != "in_prompt"}
         assert float(model(**inputs, use_cache=False).loss) == pytest.approx(
             float(model(**plain, use_cache=False).loss), rel=1e-5)
         # without the restarting position ids the short examples would see the long one
@@ -115,10 +120,7 @@ class _IgnoresPositions(torch.nn.Module):
 
 def test_check_packing_refuses_a_model_that_lets_packed_examples_mix():
     model, tok = _model()
-    ids = sid_token_ids(tok)
-    rows = [format_example(f"The user has clicked: {', '.join(SIDS[:8])}. Which next?", SIDS[8], tok, 128, ids),
-            format_example(f"The user has clicked: {SIDS[4]}, {SIDS[5]}. Which next?", SIDS[6], tok, 128, ids),
-            format_example(f"What is the title of item {SIDS[7]}?", "steel pipe", tok, 128)]
+    rows = _packable_rows(tok)
     env = WorkerEnv(TrainConfig(), None, 0, 1, torch.device("cpu"))
     check_packing(env, model, rows, tok.pad_token_id)  # Qwen2 keeps them apart
     assert model.training

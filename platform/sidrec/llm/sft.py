@@ -110,6 +110,11 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def prompt_mask(batch: Sequence[dict], width: int) -> torch.Tensor:
+    """(B, width) bool: the token lies in its example's prompt, for `collate`-d rows (`pack` returns its own)."""
+    return torch.arange(width)[None, :] < torch.tensor([ex["n_prompt"] for ex in batch])[:, None]
+
+
 def pack(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Pack format_example dicts into as few rows as fit the longest of them (first fit, longest first).
 

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sidrec.config import TrainConfig
-from sidrec.llm.sft import collate, format_example, pack
+from sidrec.llm.sft import collate, format_example, pack, prompt_mask
 from sidrec.sids.tokens import is_sid_token
 from sidrec.store import ArtifactStore
 
@@ -138,6 +138,5 @@ def micro_batch(examples: list[dict], shard: np.ndarray, index: int, batch_size:
         batch = pack(rows, pad_id)
     else:
         batch = collate(rows, pad_id)
-        pos = torch.arange(batch["input_ids"].shape[1])
-        batch["in_prompt"] = pos[None, :] < torch.tensor([r["n_prompt"] for r in rows])[:, None]
+        batch["in_prompt"] = prompt_mask(rows, batch["input_ids"].shape[1])
     return batch_to(batch, device), sum(len(r["input_ids"]) for r in rows)

@@ -87,7 +87,9 @@ def check_packing(env: WorkerEnv, module: torch.nn.Module, examples: list[dict],
     runs the same forward passes (ZeRO-3 gathers inside forward).
     """
     by_len = sorted(examples, key=lambda ex: len(ex["input_ids"]))
-    rows = [by_len[-1], *by_len[:3]]  # the longest, and short ones that pack into its width
+    # the longest and the shortest: if those two short ones do not share a row, no two examples ever do,
+    # so training never packs either and there is nothing to check
+    rows = [by_len[-1], *by_len[:3]]
     was_training = module.training
     module.eval()
     with env.autocast():
