@@ -324,6 +324,8 @@ class TrainConfig(Section):
     seed: int = opt(0, "seed of the model-side randomness and the per-epoch shuffles", ge=0)
     max_steps: int = opt(0, "optimizer-step budget (0 = full epochs), spread evenly over the epochs", ge=0)
     train_on_valid: bool = opt(False, "also train next-item on the valid examples (never test)")
+    dropout: float = opt(0.0, "dropout on the input embeddings and on every attention / MLP output before the "
+                         "residual add, while training (hooks; the exported model is unchanged)", ge=0, lt=1)
     pack_rows: bool = opt(True, "pack each micro-batch's examples into as few rows as fit its longest one, each "
                           "attending only to itself: the same loss with less padding (1.22x tokens/s on quickstart, bench/pack_rows.py)")
     sid_softmax: Literal["level", "full"] = opt(

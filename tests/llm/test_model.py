@@ -254,6 +254,32 @@ def test_preset_attention_dropout_acts_in_training_only(corpus):
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_train_dropout_hooks_embeddings_and_residual_branches(corpus, tmp_path):
+    from sidrec.config import TrainConfig
+    from sidrec.llm.train.setup import add_dropout, load_model
+
+    model, tok = _fresh(corpus)
+    model.save_pretrained(tmp_path)
+    plain, _ = load_model(str(tmp_path), tok, TrainConfig(dropout=0.0))
+    dropped, _ = load_model(str(tmp_path), tok, TrainConfig(dropout=0.3))
+    ids = torch.tensor([tok.encode("steel pipe valve steel pipe valve")])
+    dropped.eval(), plain.eval()
+    assert torch.equal(dropped(input_ids=ids).logits, plain(input_ids=ids).logits)  # eval: the plain model
+    dropped.train()
+    torch.manual_seed(0)
+    a, b = dropped(input_ids=ids).logits, dropped(input_ids=ids).logits
+    assert not torch.allclose(a, b)  # a fresh mask each pass
+    # 0.3 of the embedding entries are zeroed, the rest scaled by 1 / 0.7
+    emb = dropped.get_input_embeddings()(ids)
+    raw = torch.nn.functional.embedding(ids, dropped.get_input_embeddings().weight)
+    zero = emb == 0
+    assert 0.2 < zero.float().mean() < 0.4
+    assert torch.allclose(emb[~zero], raw[~zero] / 0.7)
+    assert add_dropout(plain, 0.1) == 2 * TINY["num_layers"] + 1  # embeddings + o_proj and down_proj per block
+    with pytest.raises(ValueError, match="train.dropout"):
+        add_dropout(torch.nn.Sequential(torch.nn.Embedding(4, 4)), 0.1)
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"attention_dropout": 1.0}, "attention_dropout"),
     ({"hidden_size": 0}, "hidden_size"),

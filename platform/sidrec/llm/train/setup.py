@@ -117,7 +117,33 @@ def load_model(weights_dir: str, tokenizer: PreTrainedTokenizerBase, tcfg: Train
     model.config.use_cache = False
     if tcfg.lora:
         model = apply_lora(model, tcfg, sorted(sid_token_ids(tokenizer)))
+    if tcfg.dropout > 0:
+        add_dropout(model, tcfg.dropout)
     return model, rows
+
+
+# the outputs that join the residual stream in Llama-family models (Qwen2, Llama, SmolLM2, Mistral, ...)
+RESIDUAL_BRANCHES = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def add_dropout(model: torch.nn.Module, p: float) -> int:
+    """Dropout ``p`` on the input embeddings and on each attention / MLP output before it joins the residual
+    stream (GPT-2's embd / resid dropout, which Hugging Face's Qwen2 and Llama do not have), in train mode only.
+
+    Forward hooks, so nothing is saved with the weights and the exported model is the plain architecture.
+    Hooks the outermost module of each name, so a LoRA wrapper's output (base + adapter) is the one dropped.
+    Returns the number of hooked modules.
+    """
+    def drop(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(output, p, training=module.training)
+
+    branches = [m for name, m in model.named_modules() if name.endswith(RESIDUAL_BRANCHES)]
+    if not branches:
+        raise ValueError(f"train.dropout: {type(model).__name__} has no {' / '.join(RESIDUAL_BRANCHES)} modules "
+                         f"to drop out after; set train.dropout=0")
+    for m in [model.get_input_embeddings(), *branches]:
+        m.register_forward_hook(drop)
+    return len(branches) + 1
 
 
 def setup_deepspeed(model: Any, env: WorkerEnv, sched_fn: Callable[[int], float], expected_rows: int) -> TrainParts:
