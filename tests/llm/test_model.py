@@ -280,6 +280,27 @@ def test_train_dropout_hooks_embeddings_and_residual_branches(corpus, tmp_path):
         add_dropout(torch.nn.Sequential(torch.nn.Embedding(4, 4)), 0.1)
 
 
+def test_train_dropout_under_lora_drops_the_adapters_output(corpus, tmp_path):
+    from sidrec.config import TrainConfig
+    from sidrec.llm.train.setup import load_model
+
+    model, tok = _fresh(corpus)
+    add_sid_tokens(model, tok, used_tokens(SIDS3))
+    model.save_pretrained(tmp_path)
+    lora, _ = load_model(str(tmp_path), tok, TrainConfig(lora=True, dropout=0.5))
+    hooked = {n for n, m in lora.named_modules() if m._forward_hooks}
+    o_proj = {n for n in hooked if n.endswith("self_attn.o_proj")}
+    assert len(o_proj) == TINY["num_layers"] and len({n for n in hooked if n.endswith("mlp.down_proj")}) == TINY["num_layers"]
+    assert not any(n.endswith("base_layer") for n in hooked)  # the wrapper (base + adapter), not its base
+    wrapper = dict(lora.named_modules())[sorted(o_proj)[0]]
+    assert hasattr(wrapper, "lora_A")
+    x = torch.randn(1, 3, TINY["hidden_size"])
+    lora.train()
+    assert (wrapper(x) == 0).float().mean() > 0.3  # p = 0.5 of the wrapper's output zeroed
+    lora.eval()
+    assert not (wrapper(x) == 0).any()
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"attention_dropout": 1.0}, "attention_dropout"),
     ({"hidden_size": 0}, "hidden_size"),
