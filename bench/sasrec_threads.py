@@ -37,8 +37,7 @@ def main() -> int:
     store = ArtifactStore(args.store)
     cols = ["user_id", "history", "target"]
     train, valid = store.split("train", cols), store.split("valid", cols)
-    catalog = store.read_table(f"{store.current_path('dataset')}/catalog.parquet", columns=["item_id"])
-    item_ids = catalog["item_id"].to_pylist()
+    item_ids = list(store.titles())  # the published catalog's ids, in its order (as the evaluator ranks them)
     runs: dict[int, list[dict]] = {t: [] for t in args.threads}
     for _ in range(args.rounds):
         for t in args.threads:
