@@ -128,3 +128,69 @@ def test_serve_batches_reserve_the_places_of_each_requests_own_k(parts):
         assert len(ids) == req["k"] and sum(i in new for i in ids) >= 1
     plain = run_recommend(rec, reqs)
     assert [r["items"] for r in plain] == [r["items"] for r in run_recommend(rec, reqs, new_item_slots=0)]
+
+
+D = 16
+
+
+def _content_recommender(parts) -> tuple[Recommender, list[str], dict[str, np.ndarray]]:
+    """As `_recommender`, with text embeddings: each new item n<j> lies next to warm item w<j> (w33 has none)."""
+    model, tok, codes = parts
+    rng = np.random.default_rng(1)
+    warm = [f"w{i}" for i in range(N_WARM)]
+    emb = {i: v for i, v in zip(warm, rng.normal(size=(N_WARM, D)).astype(np.float32), strict=True) if i != "w33"}
+    rec = Recommender(model, tok, _table(warm, codes[:N_WARM]), {i: i for i in warm}, InstructionConfig(),
+                      max_length=256, num_beams=20, embeddings=emb)
+    new = [f"n{i}" for i in range(6)]
+    near = np.stack([emb[f"w{j}"] + 0.1 * rng.normal(size=D) for j in range(6)]).astype(np.float32)
+    rec.add_items(new, codes[N_WARM:N_WARM + len(new)], new, embeddings=3.0 * near)  # any norm: stored unit
+    return rec, new, emb
+
+
+def _cosine_order(rec: Recommender, history: list[str], candidates: list[str]) -> list[str]:
+    e = rec.catalog.embeddings
+    q = np.mean([e[i] for i in history if i in e], axis=0)
+    return sorted(candidates, key=lambda i: -float(e[i] @ q / np.linalg.norm(q)))
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_content_places_go_to_the_added_items_nearest_the_history(parts, slots):
+    rec, new, _ = _content_recommender(parts)
+    assert np.allclose(np.linalg.norm(rec.catalog.embeddings["n0"]), 1.0)
+    histories = [["w1", "w2"], ["w4"], ["w0", "w3"], ["w20", "n5"]]
+    plain = rec.recommend(histories, k=K_TOP)
+    got = rec.recommend(histories, k=K_TOP, new_item_slots=slots)
+    search = rec.recommend(histories, k=K_TOP, new_item_slots=slots, new_item_ranking="search")
+    for hist, before, after in zip(histories, plain, got, strict=True):
+        items = _items(after)
+        shown = [i for i in _items(before) if i in new]
+        fresh = [i for i in items if i in new and i not in shown]
+        want = [i for i in _cosine_order(rec, hist, new) if i not in shown][:slots - len(shown)]
+        assert fresh == want and items[len(items) - len(fresh):] == fresh  # nearest first, in the last places
+        assert [h.score for h in after[len(after) - len(fresh):]] == sorted(
+            [h.score for h in after[len(after) - len(fresh):]], reverse=True)
+    assert "n4" in _items(got[1])  # n4 was made next to w4, the whole history
+    assert got != search  # the two rankings are different methods (same model, same index)
+    # exclude_history keeps a history's own new item out of the places
+    for hits in rec.recommend([["w20", "n5"]], k=K_TOP, new_item_slots=slots, exclude_history=True):
+        assert "n5" not in _items(hits) and sum(i in new for i in _items(hits)) >= slots
+
+
+def test_content_falls_back_to_the_search_without_an_embedded_history(parts):
+    rec, new, _ = _content_recommender(parts)
+    got = rec.recommend([["w33"]], k=K_TOP, new_item_slots=1)            # w33 has no embedding
+    assert got == rec.recommend([["w33"]], k=K_TOP, new_item_slots=1, new_item_ranking="search")
+    assert sum(i in new for i in _items(got[0])) >= 1
+
+
+def test_embeddings_follow_adds_updates_and_retires(parts):
+    rec, new, _ = _content_recommender(parts)
+    _, _, codes = parts
+    rec.retire_items(["n4"])
+    assert "n4" in rec.catalog.embeddings           # a history may still name it
+    for hits in rec.recommend([["w4"]], k=K_TOP, new_item_slots=2):
+        assert "n4" not in _items(hits)
+    rec.add_items(["n0"], codes[-1:], ["n0 retitled"], replace=True)   # an update without an embedding
+    assert "n0" not in rec.catalog.embeddings       # its old text's vector would be stale
+    got = _items(rec.recommend([["w0"]], k=K_TOP, new_item_slots=1)[0])
+    assert sum(i in new for i in got) >= 1 and "n0" not in got[-1:]  # content ranks the embedded ones only

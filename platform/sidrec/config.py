@@ -36,6 +36,10 @@ MAX_HISTORY = 20  # most recent items of a history kept in an example and in a p
 CODEBOOK_SIZE = 256  # codes per quantizer level
 NEW_ITEM_SLOTS = 1  # top-10 places kept for items added after training (Recommender.recommend): the least
 # that lets a new item be seen; a list costs at most its 10th item, only when it holds no new item
+NewItemRanking = Literal["content", "search"]
+NEW_ITEM_RANKING: NewItemRanking = "content"  # how those places are filled (sidrec.recommender.NewItemSlots):
+# on Amazon Industrial the target is the first of the added items 4x as often by text similarity to the
+# history as by the model's own search over them (bench/cold_scoring.py)
 
 
 class ConfigError(ValueError):
@@ -404,6 +408,9 @@ class EvalConfig(Section):
     cold_start_seed: int = opt(0, "seed of cold_start_by=random", ge=0)
     new_item_slots: int = opt(NEW_ITEM_SLOTS, "top-10 places reserved for the added (cold) items "
                               "(Recommender.recommend; 0 = the model's own list)", ge=0, lt=TOP_K)
+    new_item_ranking: NewItemRanking = opt(NEW_ITEM_RANKING, "what fills those places: content (the added items "
+                                           "nearest the history's text embeddings) or search (the model's "
+                                           "constrained search over the added items)")
 
     def check(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]

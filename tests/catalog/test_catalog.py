@@ -69,6 +69,13 @@ def test_changes_are_versioned_replayed_in_order_and_survive_a_restart(root):
     assert s2.state.applied == 3 and rec2.sid_of == rec.sid_of and rec2.titles == rec.titles
     assert set(rec2.catalog.retired) == {"new-2", "3"} and rec2.sid_of["2"] == rec.sid_of["2"]
     assert recommendable(rec2, "new-1") and recommendable(rec2, "2")
+    # the logged text embeddings come back with the items: what the content-ranked new-item places read
+    e1 = s.encoder.embed([NewItem("new-1", "Toy Story 5 (2031)", categories=["Animation", "Comedy"])])[0]
+    assert np.allclose(rec2.catalog.embeddings["new-1"], e1 / np.linalg.norm(e1), atol=1e-5)
+    assert np.allclose(rec2.catalog.embeddings["2"], rec.catalog.embeddings["2"])  # the update's, not the old
+    assert not np.allclose(rec2.catalog.embeddings["2"], open_catalog_embedding(root, "2"), atol=1e-3)
+    reserved = rec2.top_items([["1", "50"]], k=10, new_item_slots=1)[0]
+    assert {"new-1", "2"} & set(reserved)
     history = ["1", "50", "3"]  # a retired item may stay in a history: the model still reads its SID
     assert rec2.top_items([history], k=10) == rec.top_items([history], k=10)
     assert not {"3", "new-2"} & set(rec2.top_items([history], k=20, exclude_history=False)[0])
@@ -102,6 +109,13 @@ def test_update_gets_a_new_sid_unless_the_text_quantizes_the_same_and_resends_ar
     # an update that only retitles keeps nothing stale: title and SID come from the new text
     retitle = w.upsert(cat, st, [NewItem("1", new.title + " (director's cut)", categories="Crime > Thriller")])
     assert retitle.items[0].action == "updated" and rec.titles["1"].endswith("(director's cut)")
+
+
+def open_catalog_embedding(root: str, item: str) -> np.ndarray:
+    """The ``embeddings`` stage's (unit) vector of a published item."""
+    from sidrec.recommender import text_embeddings
+
+    return text_embeddings(ArtifactStore(root), {item})[item]
 
 
 def published_categories(root: str, item: str) -> str:
@@ -224,4 +238,6 @@ def test_entries_from_other_stage_versions_are_reencoded_the_same_everywhere(roo
         assert len(set(r.catalog.sid_of.values())) == len(r.catalog.sid_of)
     assert r1.catalog.sid_of["old-1"] == r2.catalog.sid_of["old-1"]
     assert r1.catalog.sid_of["old-2"] == r2.catalog.sid_of["old-2"]
+    assert np.allclose(r1.catalog.embeddings["old-1"], emb / np.linalg.norm(emb), atol=1e-6)  # the logged one
+    assert np.allclose(r1.catalog.embeddings["old-2"], r2.catalog.embeddings["old-2"])         # embedded here
 

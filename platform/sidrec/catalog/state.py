@@ -109,16 +109,21 @@ def _apply_upserts(catalog: LiveCatalog, state: CatalogState, encoder: ItemEncod
     redo = [e for e in entries if not _usable(catalog, encoder, change, e)]
     exact = {e.item_id: e.exact for e in entries}
     codes = {e.item_id: tuple(e.codes) for e in entries}
+    # the text embeddings the new-item places rank by (an entry written before they were logged has none)
+    emb = {e.item_id: decode_embedding(e.embedding) for e in entries if e.embedding}
     for e in redo:
         del codes[e.item_id]
     if redo:
-        codes.update(_reencode(catalog, encoder, change, redo, exact))
+        codes.update(_reencode(catalog, encoder, change, redo, exact, emb))
         state.reencoded += len(redo)
     done = [e for e in entries if e.item_id in codes]
     if not done:
         return
-    catalog.add([e.item_id for e in done], np.asarray([codes[e.item_id] for e in done]),
-                [e.fields.get("title", "").strip() for e in done], replace=True)
+    for group in ([e for e in done if e.item_id in emb], [e for e in done if e.item_id not in emb]):
+        if group:
+            catalog.add([e.item_id for e in group], np.asarray([codes[e.item_id] for e in group]),
+                        [e.fields.get("title", "").strip() for e in group], replace=True,
+                        embeddings=np.stack([emb[e.item_id] for e in group]) if group[0].item_id in emb else None)
     for e in done:
         before = state.items.get(e.item_id)
         added = e.op == "add" or (before is not None and before.action == "added")   # new to the published set
@@ -128,8 +133,9 @@ def _apply_upserts(catalog: LiveCatalog, state: CatalogState, encoder: ItemEncod
 
 
 def _reencode(catalog: LiveCatalog, encoder: ItemEncoder, change: Change, entries: Sequence[Entry],
-              exact: dict[str, bool]) -> dict[str, tuple[int, ...]]:
-    """SIDs for entries made under other stage versions, one item at a time in entry order."""
+              exact: dict[str, bool], embeddings: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """SIDs for entries made under other stage versions, one item at a time in entry order (``embeddings``
+    gets the text embedding each was assigned from)."""
     same_embedder = change.basis.get("embeddings") == encoder.versions["embeddings"]
     out: dict[str, tuple[int, ...]] = {}
     for e in entries:
@@ -145,4 +151,5 @@ def _reencode(catalog: LiveCatalog, encoder: ItemEncoder, change: Change, entrie
             continue
         out[e.item_id] = got.codes
         exact[e.item_id] = got.exact
+        embeddings[e.item_id] = np.asarray(emb, np.float32).reshape(-1)
     return out

@@ -42,8 +42,8 @@ from sidrec.store import ArtifactStore
 log = logging.getLogger(__name__)
 
 COLD_ITEMS_FILE = "cold_items.parquet"  # in the dataset stage: item_id, first_seen (null when unknown)
-# the EvalConfig options of the split, and new_item_slots (only a cold-start run adds items to rank there)
-COLD_FIELDS = ("cold_start", "cold_start_by", "cold_start_seed", "new_item_slots")
+# the EvalConfig options of the split, and how the added items are ranked (only a cold-start run adds any)
+COLD_FIELDS = ("cold_start", "cold_start_by", "cold_start_seed", "new_item_slots", "new_item_ranking")
 
 
 # ------------------------------------------------------------------------------------------ config views

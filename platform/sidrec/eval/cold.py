@@ -8,7 +8,8 @@
   task (`cold_sids_on_ray`), so every SID-LLM actor adds the same SIDs to its index (`Recommender.add_items`).
 - `slices`: HR/NDCG@K of every model on the test examples whose target is cold and on the others (warm);
   the two partition the examples. The SID-LLM ranks with ``eval.new_item_slots`` of its ten places kept for
-  the added items (`sidrec.recommender.NewItemSlots`); `cold_places` counts the places cold items got.
+  the added items, filled as ``eval.new_item_ranking`` says (`sidrec.recommender.NewItemSlots`);
+  `cold_places` counts the places cold items got.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _stored_cosine(store: ArtifactStore, item_ids: Sequence[str], emb: np.ndarra
 
 
 def assign_cold_sids(store_root: str, item_ids: list[str], device: str = "cpu") -> dict:
-    """SIDs of the cold items through the admin-add path: {item_ids, codes, titles, exact, embedding_cosine_min}."""
+    """SIDs of the cold items through the admin-add path: {item_ids, codes, titles, embeddings (the text
+    embeddings [N, D] an add logs), exact, embedding_cosine_min}."""
     store = ArtifactStore(store_root)
     catalog = LiveCatalog.from_store(store)  # the published SIDs and the model's SID tokens, without the model
     encoder = ItemEncoder(store_root, device=device)
@@ -63,7 +65,8 @@ def assign_cold_sids(store_root: str, item_ids: list[str], device: str = "cpu") 
     emb = encoder.embed(items)
     got = assign_sids(catalog, encoder, items, emb)
     return {"item_ids": [a.item_id for a in got], "codes": [list(a.codes) for a in got],
-            "titles": [i.title.strip() for i in items], "exact": sum(a.exact for a in got),
+            "titles": [i.title.strip() for i in items], "embeddings": np.asarray(emb, np.float32),
+            "exact": sum(a.exact for a in got),
             "embedding_cosine_min": round(_stored_cosine(store, item_ids, emb), 6)}
 
 
@@ -80,7 +83,8 @@ def cold_sids_on_ray(store: ArtifactStore, ecfg: EvalConfig, item_ids: list[str]
 
 def add_to(rec: Recommender, added: dict) -> None:
     """Make the cold items recommendable by ``rec`` with the SIDs `assign_cold_sids` chose."""
-    rec.add_items(added["item_ids"], np.asarray(added["codes"], dtype=np.int64), added["titles"])
+    rec.add_items(added["item_ids"], np.asarray(added["codes"], dtype=np.int64), added["titles"],
+                  embeddings=added.get("embeddings"))
 
 
 def slices(columns: dict[str, list[list[str]]], targets: list[str], cold: set[str]) -> dict[str, dict]:
@@ -113,7 +117,8 @@ def cold_report(ecfg: EvalConfig, columns: dict[str, list[list[str]]], histories
         "sids_exact": added["exact"], "sids_nearest_free": len(added["item_ids"]) - added["exact"],
         "embedding_cosine_min": added["embedding_cosine_min"], "sid_seconds": added.get("seconds"),
         "examples_with_cold_history": sum(bool(cold.intersection(h)) for h in histories),
-        "new_item_slots": ecfg.new_item_slots, "cold_places": cold_places(columns, cold)}}
+        "new_item_slots": ecfg.new_item_slots, "new_item_ranking": ecfg.new_item_ranking,
+        "cold_places": cold_places(columns, cold)}}
 
 
 def cold_places(columns: dict[str, list[list[str]]], cold: set[str]) -> dict[str, int]:

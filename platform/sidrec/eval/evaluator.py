@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from sidrec import console
-from sidrec.config import TOP_K, EvalConfig, SidrecConfig
+from sidrec.config import NEW_ITEM_RANKING, TOP_K, EvalConfig, NewItemRanking, SidrecConfig
 from sidrec.console import ProgressSink
 from sidrec.data.cold_start import cold_items, enabled, without
 from sidrec.eval.baselines import ContentBaseline, MostPopular, train_sasrec
@@ -46,20 +46,21 @@ class SidLLMPredictor:
 
     def __init__(self, store_root: str, num_beams: int, scoring: str, exclude_history: bool, cpus: float,
                  use_gpu: bool, progress: ProgressSink | None = None, added: dict | None = None,
-                 new_item_slots: int = 0):
+                 new_item_slots: int = 0, new_item_ranking: NewItemRanking = NEW_ITEM_RANKING):
         torch.set_num_threads(max(1, int(cpus)))
         self.rec = Recommender.from_store(store_root, num_beams=num_beams, scoring=scoring,  # type: ignore[arg-type]
                                           device="cuda" if use_gpu else "cpu")
         if added:  # the cold items, with the SIDs an admin add gave them (eval.cold_start)
             add_to(self.rec, added)
         self.exclude_history, self.new_item_slots = exclude_history, new_item_slots
+        self.new_item_ranking: NewItemRanking = new_item_ranking
         self.progress = progress or ProgressSink()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         histories = batch.column("history").to_pylist()
         users = batch.column("user_id").to_pylist()
         top = self.rec.top_items(histories, k=TOP_K, exclude_history=self.exclude_history, user_ids=users,
-                                 new_item_slots=self.new_item_slots)
+                                 new_item_slots=self.new_item_slots, new_item_ranking=self.new_item_ranking)
         # rows sampled for the unconstrained check: share of free beam-search outputs that are real items
         free = [i for i, f in enumerate(batch.column("free").to_pylist()) if f]
         valid: list[float | None] = [None] * len(histories)
@@ -123,7 +124,8 @@ def _predict(ds, store: ArtifactStore, ecfg: EvalConfig, sink: ProgressSink, add
         fn_constructor_kwargs={"store_root": store.root, "num_beams": ecfg.num_beams, "scoring": ecfg.scoring,
                                "exclude_history": ecfg.exclude_history, "cpus": ecfg.cpus_per_actor,
                                "use_gpu": ecfg.gpus_per_actor > 0, "progress": sink, "added": added,
-                               "new_item_slots": ecfg.new_item_slots if added else 0},
+                               "new_item_slots": ecfg.new_item_slots if added else 0,
+                               "new_item_ranking": ecfg.new_item_ranking},
         compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
         num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor or None,
     )
@@ -191,7 +193,8 @@ def evaluate(store: ArtifactStore, cfg: SidrecConfig) -> tuple[dict, pa.Table]:
         "training_data": "train + valid" if cfg.train.train_on_valid else "train only",
         "model_version": store.require("model")["version"], "sids_version": store.require("sids")["version"],
         "decode": {"num_beams": ecfg.num_beams, "scoring": ecfg.scoring, "exclude_history": ecfg.exclude_history,
-                   **({"new_item_slots": ecfg.new_item_slots} if added is not None else {})},
+                   **({"new_item_slots": ecfg.new_item_slots, "new_item_ranking": ecfg.new_item_ranking}
+                      if added is not None else {})},
         "models": {name: hr_ndcg(target_ranks(top, targets)) for name, top in columns.items()},
         # how much the lists depend on the history: 0 = everyone gets the same list
         "personalization": {name: personalization(top) for name, top in columns.items()},

@@ -34,8 +34,9 @@ def format_cold_start(report: dict) -> str:
            f"({items.get('sids_exact')} the quantizer's own codes, {items.get('sids_nearest_free')} the nearest "
            f"free ones). {items.get('examples_with_cold_history')} examples have a cold item in the history."]
     if "new_item_slots" in items:
-        out[0] += (f" SID-LLM: {items['new_item_slots']} of the top-10 places reserved for added items; top-10 "
-                   f"places held by cold items: {items.get('cold_places')}.")
+        ranking = f", ranked by {items['new_item_ranking']}" if "new_item_ranking" in items else ""
+        out[0] += (f" SID-LLM: {items['new_item_slots']} of the top-10 places reserved for added items{ranking}; "
+                   f"top-10 places held by cold items: {items.get('cold_places')}.")
     for name, entry in slices.items():
         models = {k: v for k, v in entry.items() if isinstance(v, dict)}
         out.append(f"### {name}: {entry.get('examples')} examples")

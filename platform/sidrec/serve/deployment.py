@@ -191,7 +191,8 @@ class RecommenderDeployment:
             rec, settings = self._rec, self._settings
             if rec is None:
                 return [not_ready() for _ in requests]
-            slots = (settings.new_item_slots if settings is not None else 0,) if task == "recommend" else ()
+            slots = (((settings.new_item_slots, settings.new_item_ranking) if settings is not None else (0,))
+                     if task == "recommend" else ())
             t0 = time.perf_counter()
             out = await asyncio.to_thread(fn, rec, requests, *slots)
         self._batches[task][0] += 1

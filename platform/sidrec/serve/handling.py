@@ -21,6 +21,7 @@ from typing import Any
 
 from sidrec.catalog.state import CatalogState
 from sidrec.catalog.writer import CatalogError, WriteResult
+from sidrec.config import NEW_ITEM_RANKING, NewItemRanking
 from sidrec.decode.beam import Hit
 from sidrec.llm.instructions import TEMPLATES, next_item_prompt
 from sidrec.llm.sft import encode_prompt, prompt_length
@@ -80,10 +81,12 @@ def recommend_problem(rec: Recommender, request: Mapping[str, Any]) -> Reply | N
     return None
 
 
-def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]], new_item_slots: int = 0) -> list[Reply]:
+def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]], new_item_slots: int = 0,
+                  new_item_ranking: NewItemRanking = NEW_ITEM_RANKING) -> list[Reply]:
     """A batch of /v1/recommend bodies -> replies, via one ``Recommender.recommend`` call per
     ``exclude_history`` value present; ``new_item_slots`` (``ServeSettings``) places of each top-k are kept
-    for items added after training (then one call per k as well: the places are those of the request's k)."""
+    for items added after training, filled as ``new_item_ranking`` says (then one call per k as well: the
+    places are those of the request's k)."""
     out: list[Reply | None] = [None] * len(requests)
     groups: dict[tuple[bool, int], list[int]] = {}
     for n, r in enumerate(requests):
@@ -93,7 +96,7 @@ def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]], new_i
             groups.setdefault((bool(r["exclude_history"]), r["k"] if new_item_slots else 0), []).append(n)
     maxh = rec.icfg.max_history
     for (flag, _), idx in groups.items():
-        for n, h in _decode_isolated(rec, requests, idx, flag, new_item_slots):
+        for n, h in _decode_isolated(rec, requests, idx, flag, new_item_slots, new_item_ranking):
             if isinstance(h, dict):
                 out[n] = h
                 continue
@@ -108,14 +111,15 @@ def run_recommend(rec: Recommender, requests: Sequence[Mapping[str, Any]], new_i
 
 
 def _decode_isolated(rec: Recommender, requests: Sequence[Mapping[str, Any]], idx: list[int],
-                     exclude: bool, new_item_slots: int = 0) -> list[tuple[int, list[Hit] | Reply]]:
+                     exclude: bool, new_item_slots: int = 0,
+                     new_item_ranking: NewItemRanking = NEW_ITEM_RANKING) -> list[tuple[int, list[Hit] | Reply]]:
     """(request index, hits) for a group decoded together; if the batch call fails, each request is
     decoded alone so that one failing request gets its own 500 and the others their answers."""
 
     def decode(rows: list[int]) -> list[list[Hit]]:
         return rec.recommend([requests[n]["history"] for n in rows], k=max(requests[n]["k"] for n in rows),
                              exclude_history=exclude, profiles=[_profile(requests[n]) for n in rows],
-                             new_item_slots=new_item_slots)
+                             new_item_slots=new_item_slots, new_item_ranking=new_item_ranking)
 
     failed = error(500, "internal_error", "decoding failed; see the replica log")
     try:

@@ -12,7 +12,15 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from sidrec.config import NEW_ITEM_SLOTS, NUM_BEAMS, ConfigError, Section, opt
+from sidrec.config import (
+    NEW_ITEM_RANKING,
+    NEW_ITEM_SLOTS,
+    NUM_BEAMS,
+    ConfigError,
+    NewItemRanking,
+    Section,
+    opt,
+)
 
 __all__ = ["MAX_BATCH_SIZE", "ServeAppConfig", "ServeSettings"]
 
@@ -39,6 +47,8 @@ class ServeSettings(Section):
     catalog_poll_s: float = opt(1.0, "seconds between polls of the store's catalog log", gt=0, le=60)
     new_item_slots: int = opt(NEW_ITEM_SLOTS, "top-k places reserved for items added after training "
                               "(never the first; 0 = the model's own list)", ge=0, le=512)
+    new_item_ranking: NewItemRanking = opt(NEW_ITEM_RANKING, "what fills those places: content (text "
+                                           "similarity to the history) or search (the model over the added items)")
 
     def check(self) -> None:
         if not self.store_root.strip():
